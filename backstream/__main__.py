@@ -1,0 +1,3 @@
+from backstream.cli import main
+
+main()

@@ -1,0 +1,342 @@
+"""Command line: ``backstream serve`` and ``backstream client``.
+
+Every flag can also come from a ``BACKSTREAM_*`` environment variable or a
+config file (``--config``), via configargparse. Mistakes end in one line on
+stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import configargparse
+
+from . import __version__
+from .config import ClientConfig, ServerConfig, parse_addr, server_ws_url, split_destination
+from .errors import ConfigError
+from .logs import LEVELS, setup_logging
+from .relay import parse_header_line
+
+
+class _Parser(configargparse.ArgumentParser):  # type: ignore[misc]
+    """Reports errors on one line (argparse prints the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+        raise AssertionError("unreachable")
+
+
+def parse_size(text: str) -> int:
+    """``"10M"`` -> 10485760; plain numbers are bytes; K, M, G are powers of 1024."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)i?[bB]?\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 512K, 10M, 1G)")
+    number, unit = match.groups()
+    factor: int = 1024 ** " KMG".index(unit.upper() or " ")
+    return int(number) * factor
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+def _status(text: str) -> int:
+    if not text.isdigit() or not 100 <= int(text) <= 999:
+        raise argparse.ArgumentTypeError(f"invalid HTTP status {text!r}")
+    return int(text)
+
+
+def _add_logging(parser: Any, defaults: bool) -> None:
+    def default(value: str) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    group = parser.add_argument_group("logging")
+    group.add_argument(
+        "--log-level", choices=LEVELS, default=default("info"), env_var="BACKSTREAM_LOG_LEVEL"
+    )
+    group.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=default("text"),
+        env_var="BACKSTREAM_LOG_FORMAT",
+    )
+    group.add_argument(
+        "--log-output",
+        default=default("stderr"),
+        env_var="BACKSTREAM_LOG_OUTPUT",
+        help="stderr, stdout or a file path (default: stderr)",
+    )
+
+
+def build_parser() -> Any:
+    parser = _Parser(prog="backstream", description="A self-hosted reverse tunnel.")
+    parser.add_argument("--version", action="version", version=f"backstream {__version__}")
+    _add_logging(parser, defaults=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        aliases=["server", "s"],
+        help="run the public server",
+        description="Run the public server.",
+    )
+    serve.add_argument(
+        "--config", is_config_file=True, env_var="BACKSTREAM_CONFIG", help="config file"
+    )
+    serve.add_argument(
+        "-a",
+        "--addr",
+        default="localhost:8080",
+        env_var="BACKSTREAM_ADDR",
+        help="listen address HOST:PORT (default: localhost:8080)",
+    )
+    serve.add_argument(
+        "-p",
+        "--policy",
+        action="append",
+        default=[],
+        help="Rego file or directory, repeatable (env BACKSTREAM_POLICY: ':' or ',' separated)",
+    )
+    serve.add_argument(
+        "-c",
+        "--code",
+        type=_status,
+        default=503,
+        env_var="BACKSTREAM_NO_CLIENT_CODE",
+        help="status when no client is connected (default: 503)",
+    )
+    serve.add_argument(
+        "--timeout",
+        type=_positive,
+        default=60.0,
+        env_var="BACKSTREAM_TIMEOUT",
+        help="seconds to wait for a response head (default: 60)",
+    )
+    serve.add_argument(
+        "--ping-interval",
+        type=_positive,
+        default=20.0,
+        env_var="BACKSTREAM_PING_INTERVAL",
+        help="seconds between WebSocket pings (default: 20)",
+    )
+    serve.add_argument(
+        "--ping-timeout",
+        type=_positive,
+        default=20.0,
+        env_var="BACKSTREAM_PING_TIMEOUT",
+        help="seconds to wait for a pong (default: 20)",
+    )
+    serve.add_argument(
+        "--max-body-size",
+        type=parse_size,
+        default=0,
+        env_var="BACKSTREAM_MAX_BODY_SIZE",
+        help="largest request body, e.g. 100M; 0 for no limit (default: 0)",
+    )
+    serve.add_argument(
+        "--auth",
+        choices=("none", "rego", "opa"),
+        default=None,
+        env_var="BACKSTREAM_AUTH",
+        help="policy engine (default: rego with -p, else none)",
+    )
+    serve.add_argument(
+        "--opa-url",
+        default=None,
+        env_var="BACKSTREAM_OPA_URL",
+        help="remote OPA server for --auth opa",
+    )
+    serve.add_argument(
+        "--opa-token",
+        default=None,
+        env_var="BACKSTREAM_OPA_TOKEN",
+        help="bearer token for the OPA server",
+    )
+    serve.add_argument(
+        "--policy-reload",
+        type=_positive,
+        default=0.0,
+        env_var="BACKSTREAM_POLICY_RELOAD",
+        help="seconds between checks for changed policy files; 0: only on SIGHUP (default: 0)",
+    )
+    _add_logging(serve, defaults=False)
+
+    client = commands.add_parser(
+        "client",
+        aliases=["c"],
+        help="run the tunnel client beside the local app",
+        description="Run the tunnel client beside the local app.",
+    )
+    client.add_argument(
+        "--config", is_config_file=True, env_var="BACKSTREAM_CONFIG", help="config file"
+    )
+    client.add_argument(
+        "-s",
+        "--src",
+        required="BACKSTREAM_SRC_URL" not in os.environ,
+        env_var="BACKSTREAM_SRC_URL",
+        help="server URL, e.g. https://tunnel.example.com",
+    )
+    client.add_argument(
+        "-d",
+        "--dst",
+        required="BACKSTREAM_DST_URL" not in os.environ,
+        env_var="BACKSTREAM_DST_URL",
+        help="local app URL, e.g. http://localhost:3000[/base]",
+    )
+    client.add_argument(
+        "-H",
+        "--header",
+        action="append",
+        default=[],
+        help="'Name: value' for the handshake, repeatable (env BACKSTREAM_HEADER: one per line)",
+    )
+    client.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        env_var="BACKSTREAM_OUTPUT",
+        help="directory for one HAR file per request",
+    )
+    client.add_argument(
+        "--har-unmasked",
+        action="store_true",
+        env_var="BACKSTREAM_HAR_UNMASKED",
+        help="keep secret headers in HAR files",
+    )
+    client.add_argument(
+        "--har-body-limit",
+        type=parse_size,
+        default=1024 * 1024,
+        env_var="BACKSTREAM_HAR_BODY_LIMIT",
+        help="bytes of each body kept in HAR files (default: 1M)",
+    )
+    client.add_argument(
+        "--timeout",
+        type=_positive,
+        default=60.0,
+        env_var="BACKSTREAM_TIMEOUT",
+        help="seconds to wait for the local app's response head (default: 60)",
+    )
+    client.add_argument(
+        "--preserve-host",
+        action="store_true",
+        env_var="BACKSTREAM_PRESERVE_HOST",
+        help="send the public Host header to the local app",
+    )
+    client.add_argument(
+        "--ping-interval",
+        type=_positive,
+        default=20.0,
+        env_var="BACKSTREAM_PING_INTERVAL",
+        help="seconds between WebSocket pings (default: 20)",
+    )
+    client.add_argument(
+        "--ping-timeout",
+        type=_positive,
+        default=20.0,
+        env_var="BACKSTREAM_PING_TIMEOUT",
+        help="seconds to wait for a pong (default: 20)",
+    )
+    client.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=512,
+        env_var="BACKSTREAM_MAX_CONCURRENCY",
+        help="concurrent requests to the local app (default: 512)",
+    )
+    client.add_argument(
+        "--max-backoff",
+        type=_positive,
+        default=30.0,
+        env_var="BACKSTREAM_MAX_BACKOFF",
+        help="longest wait between reconnection attempts (default: 30)",
+    )
+    _add_logging(client, defaults=False)
+    return parser
+
+
+def _env_list(name: str, separators: str) -> list[str]:
+    value = os.environ.get(name, "")
+    return [part.strip() for part in re.split(f"[{re.escape(separators)}]", value) if part.strip()]
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    host, port = parse_addr(args.addr)
+    policies = args.policy or _env_list("BACKSTREAM_POLICY", ":,")
+    return ServerConfig(
+        host=host,
+        port=port,
+        no_client_code=args.code,
+        timeout=args.timeout,
+        ping_interval=args.ping_interval,
+        ping_timeout=args.ping_timeout,
+        max_body_size=args.max_body_size,
+        policy_paths=tuple(policies),
+        auth=args.auth,
+        opa_url=args.opa_url,
+        opa_token=args.opa_token,
+        policy_reload=args.policy_reload,
+    )
+
+
+def client_config(args: argparse.Namespace) -> ClientConfig:
+    origin, base_path = split_destination(args.dst)
+    raw_headers = args.header or _env_list("BACKSTREAM_HEADER", "\n")
+    try:
+        headers = [parse_header_line(line) for line in raw_headers]
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return ClientConfig(
+        server_url=server_ws_url(args.src),
+        dst_origin=origin,
+        dst_base_path=base_path,
+        headers=headers,
+        har_dir=args.output,
+        har_unmasked=args.har_unmasked,
+        har_body_limit=args.har_body_limit,
+        timeout=args.timeout,
+        preserve_host=args.preserve_host,
+        ping_interval=args.ping_interval,
+        ping_timeout=args.ping_timeout,
+        max_concurrency=args.max_concurrency,
+        max_backoff=args.max_backoff,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command in ("serve", "server", "s"):
+            from .server import run_server
+
+            config: Any = server_config(args)
+            runner: Any = run_server
+        else:
+            from .client import run_client
+
+            config = client_config(args)
+            runner = run_client
+        setup_logging(args.log_level, args.log_format, args.log_output)
+        asyncio.run(runner(config))
+    except ConfigError as e:
+        print(f"backstream: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        print(f"backstream: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,110 @@
+"""Typed, frozen configuration for the server and the client.
+
+The CLI parses flags, ``BACKSTREAM_*`` variables and config files once into
+these objects; everything below the CLI reads settings from here only. Each
+field's comment is its documentation, with its default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import urllib.parse
+
+from .errors import ConfigError
+from .relay import Headers
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    #: Interface to listen on (``-a``; default ``localhost``).
+    host: str = "localhost"
+    #: Port to listen on (``-a``; default 8080; 0 picks a free one).
+    port: int = 8080
+    #: Status answered when no tunnel client is connected (``-c``; default 503).
+    no_client_code: int = 503
+    #: Seconds to wait for the response head of a relayed request (default 60).
+    timeout: float = 60.0
+    #: Seconds between WebSocket pings to each tunnel client (default 20).
+    ping_interval: float = 20.0
+    #: Seconds without a pong before a tunnel is declared dead (default 20).
+    ping_timeout: float = 20.0
+    #: Largest public request body in bytes, 0 for no limit (default 0).
+    max_body_size: int = 0
+    #: Policy files or directories (``-p``), loaded recursively.
+    policy_paths: tuple[str, ...] = ()
+    #: Auth backend: ``none``, ``rego`` or ``opa``; None chooses from ``policy_paths``.
+    auth: str | None = None
+    #: Remote OPA server URL for the ``opa`` backend.
+    opa_url: str | None = None
+    #: Bearer token for the remote OPA server.
+    opa_token: str | None = dataclasses.field(default=None, repr=False)
+    #: Seconds between checks for changed policy files, 0 to only reload on SIGHUP.
+    policy_reload: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientConfig:
+    #: WebSocket URL of the server (``-s``, http->ws and https->wss).
+    server_url: str
+    #: Base URL of the local app (``-d``), without its path.
+    dst_origin: str
+    #: Path prefix from ``-d`` (``""`` when none), prepended to every request.
+    dst_base_path: str = ""
+    #: Extra handshake headers (``-H``), e.g. a bearer token for ``auth.client``.
+    headers: Headers = dataclasses.field(default_factory=list, repr=False)
+    #: Directory for one HAR file per relayed request (``-o``), None for none.
+    har_dir: str | None = None
+    #: Keep secrets in HAR files (default: masked).
+    har_unmasked: bool = False
+    #: Bytes of each body kept in a HAR file (default 1 MiB).
+    har_body_limit: int = 1024 * 1024
+    #: Seconds to wait for the local app's response head (default 60).
+    timeout: float = 60.0
+    #: Send the public Host header to the local app instead of the destination's.
+    preserve_host: bool = False
+    #: Seconds between WebSocket pings to the server (default 20).
+    ping_interval: float = 20.0
+    #: Seconds without a pong before the tunnel is declared dead (default 20).
+    ping_timeout: float = 20.0
+    #: Concurrent requests to the local app (default 512).
+    max_concurrency: int = 512
+    #: Longest pause between reconnection attempts, in seconds (default 30).
+    max_backoff: float = 30.0
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    """``host:port``, ``:port`` or ``[v6]:port`` -> (host, port)."""
+    host, sep, port_text = addr.rpartition(":")
+    if not sep:
+        raise ConfigError(f"invalid address {addr!r}: expected HOST:PORT")
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"invalid port in address {addr!r}") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"invalid port in address {addr!r}")
+    return host, port
+
+
+def server_ws_url(src: str) -> str:
+    """The tunnel URL for a server URL: http->ws, https->wss (ws/wss kept)."""
+    parts = urllib.parse.urlsplit(src if "://" in src else "http://" + src)
+    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme.lower())
+    if scheme is None or not parts.netloc:
+        raise ConfigError(f"invalid server URL {src!r}: expected http(s)://host[:port]")
+    return urllib.parse.urlunsplit((scheme, parts.netloc, parts.path, parts.query, ""))
+
+
+def split_destination(dst: str) -> tuple[str, str]:
+    """``http://host:port/base`` -> (``http://host:port``, ``/base``)."""
+    parts = urllib.parse.urlsplit(dst if "://" in dst else "http://" + dst)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"invalid destination URL {dst!r}: expected http(s)://host[:port]")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"invalid destination URL {dst!r}: no query or fragment allowed")
+    try:
+        parts.port  # noqa: B018 - validates the port
+    except ValueError:
+        raise ConfigError(f"invalid port in destination URL {dst!r}") from None
+    return f"{parts.scheme.lower()}://{parts.netloc}", parts.path.rstrip("/")

@@ -1,0 +1,171 @@
+"""HAR 1.2 recording on the client: one file per relayed request.
+
+Bodies are kept only up to a cap (the rest is counted, not stored), so a
+200 MiB download costs at most the cap in memory. Secret headers are masked
+unless the user asked for unmasked files.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import itertools
+import json
+import logging
+import os
+import time
+import urllib.parse
+from typing import Any
+
+from . import __version__, protocol, relay
+from .config import ClientConfig
+
+log = logging.getLogger("backstream.client")
+
+_file_numbers = itertools.count(1)
+
+
+class _Body:
+    """The first ``limit`` bytes of a body, and its full size."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: list[bytes] = []
+        self.kept = 0
+        self.size = 0
+
+    def add(self, data: bytes) -> None:
+        self.size += len(data)
+        room = self.limit - self.kept
+        if room > 0:
+            self.parts.append(data[:room])
+            self.kept += min(room, len(data))
+
+    def as_har(self) -> dict[str, Any]:
+        data = b"".join(self.parts)
+        entry: dict[str, Any] = {}
+        try:
+            entry["text"] = data.decode("utf-8")
+        except UnicodeDecodeError:
+            entry["text"] = base64.b64encode(data).decode("ascii")
+            entry["encoding"] = "base64"
+        if self.size > self.kept:
+            entry["comment"] = f"truncated to the first {self.kept} of {self.size} bytes"
+        return entry
+
+
+class HarEntry:
+    """What is known of one request so far; written out by ``finish``."""
+
+    def __init__(self, recorder: HarRecorder, head: protocol.RequestHead, url: str) -> None:
+        self.recorder = recorder
+        self.head = head
+        self.url = url
+        self.started = time.time()
+        self.started_mono = time.monotonic()
+        self.waited: float | None = None
+        self.request = _Body(recorder.body_limit)
+        self.response_ = _Body(recorder.body_limit)
+        self.status = 0
+        self.reason = ""
+        self.headers: list[tuple[str, str]] = []
+
+    def request_body(self, data: bytes) -> None:
+        self.request.add(data)
+
+    def response(self, status: int, reason: str, headers: list[tuple[str, str]]) -> None:
+        self.waited = time.monotonic() - self.started_mono
+        self.status, self.reason, self.headers = status, reason, headers
+
+    def response_body(self, data: bytes) -> None:
+        self.response_.add(data)
+
+    def finish(self, error: str | None) -> None:
+        try:
+            self.recorder.write(self, error)
+        except OSError as e:
+            log.error("cannot write HAR file in %s: %s", self.recorder.directory, e)
+
+
+class HarRecorder:
+    def __init__(self, directory: str, unmasked: bool, body_limit: int) -> None:
+        self.directory = directory
+        self.unmasked = unmasked
+        self.body_limit = body_limit
+        os.makedirs(directory, exist_ok=True)
+
+    def start(self, head: protocol.RequestHead, config: ClientConfig) -> HarEntry:
+        url = config.dst_origin + relay.upstream_target(config.dst_base_path, head.target)
+        return HarEntry(self, head, url)
+
+    def _headers(self, headers: list[tuple[str, str]]) -> list[dict[str, str]]:
+        shown = headers if self.unmasked else relay.mask_headers(headers)
+        return [{"name": n, "value": v} for n, v in shown]
+
+    def write(self, entry: HarEntry, error: str | None) -> None:
+        head = entry.head
+        total = (time.monotonic() - entry.started_mono) * 1000
+        wait = (entry.waited or 0) * 1000
+        query = urllib.parse.urlsplit(entry.url).query
+        request: dict[str, Any] = {
+            "method": head.method,
+            "url": entry.url,
+            "httpVersion": "HTTP/1.1",
+            "cookies": [],
+            "headers": self._headers(head.headers),
+            "queryString": [
+                {"name": n, "value": v}
+                for n, v in urllib.parse.parse_qsl(query, keep_blank_values=True)
+            ],
+            "headersSize": -1,
+            "bodySize": entry.request.size,
+        }
+        if entry.request.size:
+            content_type = _header(head.headers, "content-type")
+            request["postData"] = {"mimeType": content_type, **entry.request.as_har()}
+        response = {
+            "status": entry.status,
+            "statusText": entry.reason,
+            "httpVersion": "HTTP/1.1",
+            "cookies": [],
+            "headers": self._headers(entry.headers),
+            "content": {
+                "size": entry.response_.size,
+                "mimeType": _header(entry.headers, "content-type"),
+                **entry.response_.as_har(),
+            },
+            "redirectURL": _header(entry.headers, "location"),
+            "headersSize": -1,
+            "bodySize": entry.response_.size,
+        }
+        har_entry: dict[str, Any] = {
+            "startedDateTime": datetime.datetime.fromtimestamp(
+                entry.started, datetime.UTC
+            ).isoformat(),
+            "time": total,
+            "request": request,
+            "response": response,
+            "cache": {},
+            "timings": {"send": 0, "wait": wait, "receive": max(total - wait, 0)},
+        }
+        if error:
+            har_entry["comment"] = f"relay failed: {error}"
+        document = {
+            "log": {
+                "version": "1.2",
+                "creator": {"name": "backstream", "version": __version__},
+                "entries": [har_entry],
+            }
+        }
+        name = f"{int(entry.started * 1000)}-{os.getpid()}-{next(_file_numbers)}.har"
+        path = os.path.join(self.directory, name)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(document, f, ensure_ascii=False)
+        os.replace(path + ".tmp", path)
+
+
+def _header(headers: list[tuple[str, str]], name: str) -> str:
+    for n, v in headers:
+        if n.lower() == name:
+            return v
+    return ""

@@ -1,0 +1,97 @@
+"""Logging set-up: text for people, JSON for machines, secrets masked in both.
+
+Loggers are named per concern, as Tornado does: ``backstream.server``,
+``backstream.client``, ``backstream.access`` (one line per relayed request),
+``backstream.auth``. Messages use ``key=value`` pairs so that both formats stay
+greppable. Whatever a line says, the values of ``Authorization``, ``Cookie``,
+``Set-Cookie`` and ``Proxy-Authorization`` (and bearer tokens) are masked by a
+filter on the handler, the last place every line passes through.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from typing import Any
+
+_SECRET_RE = re.compile(
+    r"""(?ix)
+    (
+      (?:proxy-)?authorization|set-cookie|cookie   # a secret header name
+    )
+    (['"]?\s*[:=,]\s*['"]?)                         # a separator, maybe quoted
+    ([^'"\r\n]*)                                    # its value, up to a quote or EOL
+    """
+)
+_BEARER_RE = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
+
+MASK = "***"
+
+
+def mask_secrets(text: str) -> str:
+    """Replace secret header values and bearer/basic credentials with ``***``."""
+    text = _SECRET_RE.sub(lambda m: m.group(1) + m.group(2) + MASK, text)
+    return _BEARER_RE.sub(lambda m: m.group(1) + " " + MASK, text)
+
+
+class MaskingFilter(logging.Filter):
+    """Masks secrets in the fully formatted message of every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = mask_secrets(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``time``, ``level``, ``logger``, ``msg``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["error"] = mask_secrets(self.formatException(record.exc_info))
+        return json.dumps(entry, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
+        return mask_secrets(super().formatException(ei))
+
+
+LEVELS = ("debug", "info", "warning", "error")
+
+
+def setup_logging(level: str = "info", fmt: str = "text", output: str = "stderr") -> None:
+    """Route every backstream and Tornado logger to one handler."""
+    handler: logging.Handler
+    if output == "stderr":
+        handler = logging.StreamHandler(sys.stderr)
+    elif output == "stdout":
+        handler = logging.StreamHandler(sys.stdout)
+    else:
+        handler = logging.FileHandler(output, encoding="utf-8")
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(MaskingFilter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # Tornado's access log duplicates ours; its other loggers stay useful.
+    logging.getLogger("tornado.access").setLevel(logging.WARNING)
+    if level != "debug":
+        logging.getLogger("tornado.curl_httpclient").setLevel(logging.INFO)

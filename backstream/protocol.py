@@ -1,0 +1,343 @@
+"""The backstream wire protocol, free of I/O.
+
+One tunnel is one WebSocket between the public server and a client. Every
+WebSocket message is exactly one binary *frame*::
+
+    +--------+--------+----------------------+------------------+
+    | type 1 | flags 1| stream id 4 (BE u32) | payload ...      |
+    +--------+--------+----------------------+------------------+
+
+Frame types (``S->C``: server to client):
+
+* ``REQUEST``  S->C  opens a stream: the public request head (JSON array).
+* ``RESPONSE`` C->S  the response head for a stream (JSON array).
+* ``DATA``     both  body bytes, raw; ``FLAG_END`` marks the last one.
+* ``WINDOW``   both  grants the peer more credit for DATA on a stream (u32).
+* ``RESET``    both  aborts one stream (u16 error code, UTF-8 message); the
+  tunnel and every other stream carry on.
+
+Flow control: a side may only send as many DATA payload bytes on a stream as
+its peer has granted, starting from ``INITIAL_WINDOW``; the receiver grants
+more as it consumes (``RecvWindow``). Memory per stream is therefore bounded by
+the window whatever the body size, and one slow stream never stalls the others.
+
+The protocol version travels in the ``Backstream-Client`` header of the
+WebSocket handshake, so a client speaking another version is refused before
+the upgrade with a message that says which versions the two sides speak.
+
+Nothing here does I/O: callers feed bytes to :func:`decode` and send what
+:meth:`Frame.encode` returns. Malformed input raises :class:`ProtocolError`
+(the I/O layer closes that one tunnel), never anything else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import struct
+from typing import Any, ClassVar
+
+from .errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+#: Request header that marks the tunnel handshake; its value is the version.
+CLIENT_HEADER = "Backstream-Client"
+
+#: Credit each side starts with for each stream and direction, in bytes.
+INITIAL_WINDOW = 256 * 1024
+#: Largest DATA payload a sender puts in one frame (must fit twice in a window).
+MAX_CHUNK = 64 * 1024
+#: Largest frame a receiver accepts; bounds the memory one message can take.
+MAX_FRAME = MAX_CHUNK + 256 * 1024
+#: A window can never grow beyond this (credit overflow is a protocol error).
+MAX_WINDOW = 2**31 - 1
+
+_HEADER = struct.Struct("!BBI")
+HEADER_SIZE = _HEADER.size
+_U32 = struct.Struct("!I")
+_U16 = struct.Struct("!H")
+
+FLAG_END = 0x01
+
+Headers = list[tuple[str, str]]
+
+
+class FrameType(enum.IntEnum):
+    REQUEST = 1
+    RESPONSE = 2
+    DATA = 3
+    WINDOW = 4
+    RESET = 5
+
+
+def check_version(header_value: str | None) -> str | None:
+    """Why a handshake's ``Backstream-Client`` value is refused, or None if it is fine."""
+    if header_value is None:
+        return f"missing {CLIENT_HEADER} header"
+    if header_value.strip() != str(PROTOCOL_VERSION):
+        return (
+            f"protocol version mismatch: server speaks {PROTOCOL_VERSION}, "
+            f"client sent {header_value.strip()[:20]!r}; upgrade the older side"
+        )
+    return None
+
+
+@dataclasses.dataclass(slots=True)
+class RequestHead:
+    """A public request as the server saw it (headers already filtered)."""
+
+    stream_id: int
+    method: str
+    target: str
+    headers: Headers
+    #: Body length: 0 for none, N for Content-Length N, -1 when unknown (chunked).
+    body_length: int = 0
+    remote: str = ""
+    scheme: str = "http"
+    host: str = ""
+
+    TYPE: ClassVar[FrameType] = FrameType.REQUEST
+
+    def encode(self) -> bytes:
+        payload = [
+            self.method,
+            self.target,
+            self.headers,
+            self.body_length,
+            self.remote,
+            self.scheme,
+            self.host,
+        ]
+        return _head_frame(self.TYPE, 0, self.stream_id, payload)
+
+    @classmethod
+    def decode_payload(cls, stream_id: int, flags: int, payload: bytes) -> RequestHead:
+        fields = _json_array(payload, 7)
+        method, target, headers, body_length, remote, scheme, host = fields
+        if not (isinstance(method, str) and method and isinstance(target, str)):
+            raise ProtocolError("REQUEST: method and target must be strings")
+        if not isinstance(body_length, int) or isinstance(body_length, bool) or body_length < -1:
+            raise ProtocolError("REQUEST: bad body length")
+        if not (isinstance(remote, str) and isinstance(scheme, str) and isinstance(host, str)):
+            raise ProtocolError("REQUEST: remote, scheme and host must be strings")
+        return cls(
+            stream_id,
+            method,
+            target,
+            _headers(headers),
+            body_length,
+            remote,
+            scheme,
+            host,
+        )
+
+
+@dataclasses.dataclass(slots=True)
+class ResponseHead:
+    """The local app's status line and headers (hop-by-hop already removed)."""
+
+    stream_id: int
+    status: int
+    reason: str
+    headers: Headers
+    #: True when no DATA follows (HEAD, 204, 304 or an empty body).
+    end_stream: bool = False
+
+    TYPE: ClassVar[FrameType] = FrameType.RESPONSE
+
+    def encode(self) -> bytes:
+        flags = FLAG_END if self.end_stream else 0
+        return _head_frame(
+            self.TYPE, flags, self.stream_id, [self.status, self.reason, self.headers]
+        )
+
+    @classmethod
+    def decode_payload(cls, stream_id: int, flags: int, payload: bytes) -> ResponseHead:
+        status, reason, headers = _json_array(payload, 3)
+        if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 999:
+            raise ProtocolError("RESPONSE: status must be an integer from 100 to 999")
+        if not isinstance(reason, str):
+            raise ProtocolError("RESPONSE: reason must be a string")
+        return cls(stream_id, status, reason, _headers(headers), bool(flags & FLAG_END))
+
+
+@dataclasses.dataclass(slots=True)
+class Data:
+    """A piece of a body. An empty payload with ``end_stream`` just ends it."""
+
+    stream_id: int
+    data: bytes
+    end_stream: bool = False
+
+    TYPE: ClassVar[FrameType] = FrameType.DATA
+
+    def encode(self) -> bytes:
+        flags = FLAG_END if self.end_stream else 0
+        return _HEADER.pack(self.TYPE, flags, self.stream_id) + self.data
+
+    @classmethod
+    def decode_payload(cls, stream_id: int, flags: int, payload: bytes) -> Data:
+        return cls(stream_id, payload, bool(flags & FLAG_END))
+
+
+@dataclasses.dataclass(slots=True)
+class Window:
+    """Grants the peer ``increment`` more bytes of DATA on ``stream_id``."""
+
+    stream_id: int
+    increment: int
+
+    TYPE: ClassVar[FrameType] = FrameType.WINDOW
+
+    def encode(self) -> bytes:
+        return _HEADER.pack(self.TYPE, 0, self.stream_id) + _U32.pack(self.increment)
+
+    @classmethod
+    def decode_payload(cls, stream_id: int, flags: int, payload: bytes) -> Window:
+        if len(payload) != _U32.size:
+            raise ProtocolError("WINDOW: payload must be 4 bytes")
+        (increment,) = _U32.unpack(payload)
+        if increment == 0:
+            raise ProtocolError("WINDOW: increment must be positive")
+        return cls(stream_id, increment)
+
+
+@dataclasses.dataclass(slots=True)
+class Reset:
+    """Aborts one stream; ``code`` is an ``errors.StreamError.reset_code``."""
+
+    stream_id: int
+    code: int
+    message: str = ""
+
+    TYPE: ClassVar[FrameType] = FrameType.RESET
+
+    def encode(self) -> bytes:
+        text = self.message.encode("utf-8")[:1024]
+        return _HEADER.pack(self.TYPE, 0, self.stream_id) + _U16.pack(self.code) + text
+
+    @classmethod
+    def decode_payload(cls, stream_id: int, flags: int, payload: bytes) -> Reset:
+        if len(payload) < _U16.size:
+            raise ProtocolError("RESET: payload too short")
+        (code,) = _U16.unpack_from(payload)
+        message = payload[_U16.size :].decode("utf-8", "replace")
+        return cls(stream_id, code, message)
+
+
+Frame = RequestHead | ResponseHead | Data | Window | Reset
+
+_DECODERS: dict[int, Any] = {
+    FrameType.REQUEST: RequestHead.decode_payload,
+    FrameType.RESPONSE: ResponseHead.decode_payload,
+    FrameType.DATA: Data.decode_payload,
+    FrameType.WINDOW: Window.decode_payload,
+    FrameType.RESET: Reset.decode_payload,
+}
+
+
+def decode(message: bytes) -> Frame:
+    """Parse one WebSocket message into a frame; raise ProtocolError if malformed."""
+    if len(message) < HEADER_SIZE:
+        raise ProtocolError(f"frame too short ({len(message)} bytes)")
+    if len(message) > MAX_FRAME:
+        raise ProtocolError(f"frame too large ({len(message)} bytes)")
+    type_, flags, stream_id = _HEADER.unpack_from(message)
+    decoder = _DECODERS.get(type_)
+    if decoder is None:
+        raise ProtocolError(f"unknown frame type {type_}")
+    if stream_id == 0:
+        raise ProtocolError("stream id 0 is reserved")
+    frame: Frame = decoder(stream_id, flags, message[HEADER_SIZE:])
+    return frame
+
+
+def _head_frame(type_: FrameType, flags: int, stream_id: int, payload: list[Any]) -> bytes:
+    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _HEADER.pack(type_, flags, stream_id) + body
+
+
+def _json_array(payload: bytes, length: int) -> list[Any]:
+    try:
+        value = json.loads(payload)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ProtocolError(f"head is not valid JSON: {e}") from None
+    if not isinstance(value, list) or len(value) != length:
+        raise ProtocolError(f"head must be a JSON array of {length} items")
+    return value
+
+
+def _headers(value: Any) -> Headers:
+    if not isinstance(value, list):
+        raise ProtocolError("headers must be a list of [name, value] pairs")
+    pairs: Headers = []
+    for item in value:
+        if (
+            not isinstance(item, list)
+            or len(item) != 2
+            or not isinstance(item[0], str)
+            or not isinstance(item[1], str)
+            or not item[0]
+        ):
+            raise ProtocolError("headers must be a list of [name, value] pairs")
+        if _has_line_break(item[0]) or _has_line_break(item[1]):
+            raise ProtocolError("header names and values must not contain CR or LF")
+        pairs.append((item[0], item[1]))
+    return pairs
+
+
+def _has_line_break(text: str) -> bool:
+    return "\r" in text or "\n" in text or "\0" in text
+
+
+class SendWindow:
+    """Credit this side may still spend on DATA for one stream."""
+
+    __slots__ = ("credit",)
+
+    def __init__(self, initial: int = INITIAL_WINDOW) -> None:
+        self.credit = initial
+
+    def spend(self, size: int) -> bool:
+        """Take ``size`` bytes of credit if there is enough; say whether it was taken."""
+        if size > self.credit:
+            return False
+        self.credit -= size
+        return True
+
+    def grant(self, increment: int) -> None:
+        """Apply a WINDOW frame from the peer."""
+        if self.credit + increment > MAX_WINDOW:
+            raise ProtocolError("WINDOW overflows the flow-control window")
+        self.credit += increment
+
+
+class RecvWindow:
+    """Credit this side has granted for one stream, and when to grant more.
+
+    The receiver tells the peer about consumed bytes in batches of at least
+    half a window, so a stream costs one WINDOW frame per half window of body.
+    """
+
+    __slots__ = ("available", "pending", "threshold")
+
+    def __init__(self, initial: int = INITIAL_WINDOW) -> None:
+        self.available = initial
+        self.pending = 0
+        self.threshold = initial // 2
+
+    def receive(self, size: int) -> None:
+        """Account for a DATA frame; a peer overrunning its credit is a protocol error."""
+        if size > self.available:
+            raise ProtocolError("peer sent more DATA than its flow-control window allows")
+        self.available -= size
+
+    def consume(self, size: int) -> int:
+        """Record ``size`` bytes passed on; return the increment to grant now (0: not yet)."""
+        self.pending += size
+        if self.pending < self.threshold:
+            return 0
+        increment, self.pending = self.pending, 0
+        self.available += increment
+        return increment

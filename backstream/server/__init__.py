@@ -1,0 +1,90 @@
+"""The public server: one Tornado application, two handlers.
+
+Requests that carry a ``Backstream-Client`` header are tunnel clients and go
+to ``TunnelHandler``; everything else is public traffic for ``PublicHandler``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+
+from tornado import httputil
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+from tornado.routing import Matcher, Rule
+from tornado.web import Application
+
+from .. import protocol
+from ..config import ServerConfig
+from .public import PublicHandler
+from .tunnel import TunnelHandler, Tunnels
+
+log = logging.getLogger("backstream.server")
+
+#: Tornado buffers no more than this per read; bodies stream past it.
+CHUNK_SIZE = 64 * 1024
+
+
+class _HasClientHeader(Matcher):
+    def match(self, request: httputil.HTTPServerRequest) -> dict[str, object] | None:
+        return {} if protocol.CLIENT_HEADER in request.headers else None
+
+
+def make_app(config: ServerConfig, tunnels: Tunnels) -> Application:
+    """The Tornado application relaying public requests to ``tunnels``."""
+    public = {
+        "tunnels": tunnels,
+        "no_client_code": config.no_client_code,
+        "timeout": config.timeout,
+        "max_body_size": config.max_body_size,
+    }
+    return Application(
+        [
+            Rule(_HasClientHeader(), TunnelHandler, {"tunnels": tunnels}),
+            Rule(_Anything(), PublicHandler, public),
+        ],
+        websocket_ping_interval=config.ping_interval or None,
+        websocket_ping_timeout=config.ping_timeout or None,
+        websocket_max_message_size=protocol.MAX_FRAME,
+        log_function=_no_tornado_access_log,
+    )
+
+
+def _no_tornado_access_log(handler: object) -> None:
+    """``backstream.access`` logs each request once, with its stream id."""
+
+
+class _Anything(Matcher):
+    def match(self, request: httputil.HTTPServerRequest) -> dict[str, object] | None:
+        return {}
+
+
+async def run_server(config: ServerConfig) -> None:
+    """Serve until SIGINT or SIGTERM."""
+    tunnels = Tunnels()
+    app = make_app(config, tunnels)
+    server = HTTPServer(
+        app,
+        chunk_size=CHUNK_SIZE,
+        # Bodies are streamed, never held: the limit is ours (413), not Tornado's.
+        max_body_size=config.max_body_size or 1 << 62,
+        idle_connection_timeout=3600,
+    )
+    sockets = bind_sockets(config.port, config.host, backlog=1024)
+    server.add_sockets(sockets)
+    for sock in sockets:
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if sock.family == socket.AF_INET6 else host
+        log.info("listening url=http://%s:%d", shown, port)
+    if not config.policy_paths:
+        log.warning("no policy given (-p): anyone may connect as a tunnel client")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    server.stop()

@@ -1,0 +1,186 @@
+"""The server's half of one relayed request.
+
+A ``ServerStream`` sits between the public ``RequestHandler`` (which awaits it)
+and the ``Tunnel`` (which feeds it frames). It owns the flow-control windows of
+its stream, the response chunks received but not yet written, and the timer
+that turns a silent client into a 504, so no public request waits forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import TYPE_CHECKING
+
+from .. import errors, protocol
+from ..protocol import ResponseHead
+
+if TYPE_CHECKING:
+    from .tunnel import Tunnel
+
+log = logging.getLogger("backstream.server")
+
+
+class ServerStream:
+    """Response head and body chunks for one stream id, with backpressure both ways."""
+
+    __slots__ = (
+        "tunnel",
+        "id",
+        "send_window",
+        "recv_window",
+        "response",
+        "timeout",
+        "_chunks",
+        "_ended",
+        "_error",
+        "_waiter",
+        "_timer",
+        "closed",
+    )
+
+    def __init__(self, tunnel: Tunnel, stream_id: int, timeout: float) -> None:
+        self.tunnel = tunnel
+        self.id = stream_id
+        self.send_window = protocol.SendWindow()
+        self.recv_window = protocol.RecvWindow()
+        self.response: ResponseHead | None = None
+        self.timeout = timeout
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._ended = False
+        self._error: errors.StreamError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.closed = False
+
+    # -- frames from the tunnel -------------------------------------------------
+
+    def on_response(self, head: ResponseHead) -> None:
+        if self.response is not None:
+            raise errors.ProtocolError(f"second RESPONSE on stream {self.id}")
+        self.response = head
+        self._ended = head.end_stream
+        self._cancel_timer()
+        self._wake()
+
+    def on_data(self, frame: protocol.Data) -> None:
+        if self.response is None:
+            raise errors.ProtocolError(f"DATA before RESPONSE on stream {self.id}")
+        if self._ended:
+            raise errors.ProtocolError(f"DATA after the end of stream {self.id}")
+        self.recv_window.receive(len(frame.data))
+        if frame.data:
+            self._chunks.append(frame.data)
+        self._ended = frame.end_stream
+        self._wake()
+
+    def on_window(self, increment: int) -> None:
+        self.send_window.grant(increment)
+        self._cancel_timer()
+        self._wake()
+
+    def fail(self, error: errors.StreamError) -> None:
+        """End the stream with ``error`` (the tunnel closed, the client reset it, ...)."""
+        if self._error is None:
+            self._error = error
+        self._cancel_timer()
+        self._wake()
+
+    # -- used by the public handler ---------------------------------------------
+
+    @property
+    def error(self) -> errors.StreamError | None:
+        return self._error
+
+    async def send_body(self, chunk: bytes) -> None:
+        """Forward a piece of the request body, waiting for credit as needed.
+
+        Once the local app has answered, the rest of the body is dropped: it
+        has no reader any more, and waiting for credit would stall the answer.
+        """
+        view = memoryview(chunk)
+        while view:
+            if self._error is not None or self.response is not None:
+                return
+            size = min(len(view), self.send_window.credit, protocol.MAX_CHUNK)
+            if size == 0:
+                await self._wait()
+                continue
+            self.send_window.spend(size)
+            self.tunnel.send(protocol.Data(self.id, bytes(view[:size])).encode())
+            view = view[size:]
+
+    def end_body(self) -> None:
+        if self._error is None and self.response is None:
+            self.tunnel.send(protocol.Data(self.id, b"", end_stream=True).encode())
+
+    async def response_head(self) -> ResponseHead:
+        while self.response is None:
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+        return self.response
+
+    async def read(self) -> bytes | None:
+        """The next response bytes (all that are queued), or None at the end."""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._ended:
+                return None
+            await self._wait()
+        if len(self._chunks) == 1:
+            return self._chunks.popleft()
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        return data
+
+    def consumed(self, size: int) -> None:
+        """``size`` response bytes reached the public caller: grant more credit."""
+        increment = self.recv_window.consume(size)
+        if increment and not self.closed:
+            self.tunnel.send(protocol.Window(self.id, increment).encode())
+
+    def reset(self, error: errors.StreamError) -> None:
+        """Abort the stream from this side and tell the client."""
+        if not self.closed:
+            self.tunnel.send(protocol.Reset(self.id, error.reset_code, error.log_message).encode())
+        self.fail(error)
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._cancel_timer()
+            self.tunnel.forget(self.id)
+
+    # -- waiting ----------------------------------------------------------------
+
+    def _wait(self) -> asyncio.Future[None]:
+        """A future resolved by the next frame; arms the no-answer timer meanwhile."""
+        if self._waiter is None or self._waiter.done():
+            self._waiter = asyncio.get_running_loop().create_future()
+        if self.response is None and self._timer is None and self.timeout > 0:
+            self._timer = asyncio.get_running_loop().call_later(self.timeout, self._on_timeout)
+        return self._waiter
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        log.warning(
+            "no response from the client stream=%d tunnel=%s timeout=%gs",
+            self.id,
+            self.tunnel.id,
+            self.timeout,
+        )
+        self.reset(errors.UpstreamTimeout(f"no response within {self.timeout:g}s"))
