@@ -1,0 +1,175 @@
+"""The wire protocol, byte for byte: no sockets, no event loop."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from backstream import protocol
+from backstream.errors import ProtocolError
+from backstream.protocol import Data, RequestHead, Reset, ResponseHead, Window
+
+stream_ids = st.integers(min_value=1, max_value=2**32 - 1)
+# Header text as Tornado hands it over: latin-1, no CR/LF/NUL.
+header_text = st.text(
+    st.characters(min_codepoint=0x20, max_codepoint=0xFF, blacklist_characters="\x7f"), max_size=40
+)
+headers = st.lists(st.tuples(header_text.filter(bool), header_text), max_size=12)
+
+request_heads = st.builds(
+    RequestHead,
+    stream_ids,
+    st.sampled_from(["GET", "POST", "PURGE", "OPTIONS", "HEAD"]),
+    st.text(max_size=200),
+    headers,
+    st.integers(min_value=-1, max_value=2**53),
+    st.text(max_size=40),
+    st.sampled_from(["http", "https"]),
+    st.text(max_size=40),
+)
+response_heads = st.builds(
+    ResponseHead,
+    stream_ids,
+    st.integers(min_value=100, max_value=999),
+    st.text(max_size=60).filter(lambda s: "\r" not in s and "\n" not in s),
+    headers,
+    st.booleans(),
+)
+data_frames = st.builds(Data, stream_ids, st.binary(max_size=protocol.MAX_CHUNK), st.booleans())
+window_frames = st.builds(Window, stream_ids, st.integers(min_value=1, max_value=2**32 - 1))
+reset_frames = st.builds(
+    Reset, stream_ids, st.integers(min_value=0, max_value=65535), st.text(max_size=100)
+)
+frames = st.one_of(request_heads, response_heads, data_frames, window_frames, reset_frames)
+
+
+@given(frames)
+def test_every_frame_round_trips(frame: protocol.Frame) -> None:
+    assert protocol.decode(frame.encode()) == frame
+
+
+@given(st.binary(max_size=512))
+def test_garbage_is_a_protocol_error_never_a_crash(message: bytes) -> None:
+    try:
+        protocol.decode(message)
+    except ProtocolError:
+        pass
+
+
+@given(frames, st.data())
+def test_mutated_frames_decode_or_raise(frame: protocol.Frame, data: st.DataObject) -> None:
+    encoded = bytearray(frame.encode())
+    index = data.draw(st.integers(min_value=0, max_value=len(encoded) - 1))
+    encoded[index] = data.draw(st.integers(min_value=0, max_value=255))
+    cut = data.draw(st.integers(min_value=0, max_value=len(encoded)))
+    try:
+        protocol.decode(bytes(encoded[:cut]))
+    except ProtocolError:
+        pass
+
+
+def test_header_layout_is_type_flags_stream_id() -> None:
+    encoded = Data(7, b"abc", end_stream=True).encode()
+    assert encoded == struct.pack("!BBI", 3, protocol.FLAG_END, 7) + b"abc"
+
+
+def test_body_bytes_are_raw_not_base64() -> None:
+    body = bytes(range(256))
+    assert Data(1, body).encode().endswith(body)
+
+
+def test_request_head_keeps_query_and_repeated_headers_in_order() -> None:
+    head = RequestHead(
+        3,
+        "GET",
+        "/a%2Fb?x=1&x=2&empty=&u=%C3%A9",
+        [("Cookie", "a=1"), ("X-Dup", "1"), ("Cookie", "b=2"), ("X-Dup", "2")],
+        0,
+        "127.0.0.1",
+        "http",
+        "example.test",
+    )
+    decoded = protocol.decode(head.encode())
+    assert isinstance(decoded, RequestHead)
+    assert decoded.target == "/a%2Fb?x=1&x=2&empty=&u=%C3%A9"
+    assert decoded.headers == head.headers
+
+
+@pytest.mark.parametrize(
+    "message, why",
+    [
+        (b"", "too short"),
+        (struct.pack("!BBI", 99, 0, 1), "unknown frame type"),
+        (struct.pack("!BBI", 3, 0, 0) + b"x", "stream id 0"),
+        (struct.pack("!BBI", 1, 0, 1) + b"{}", "JSON array"),
+        (struct.pack("!BBI", 1, 0, 1) + b"[1,2", "not valid JSON"),
+        (struct.pack("!BBI", 2, 0, 1) + b'[99,"x",[]]', "status"),
+        (struct.pack("!BBI", 2, 0, 1) + b'[200,"x",[["a"]]]', "pairs"),
+        (struct.pack("!BBI", 2, 0, 1) + b'[200,"x",[["a","b\\r\\nc: d"]]]', "CR or LF"),
+        (struct.pack("!BBI", 4, 0, 1) + b"\0\0", "4 bytes"),
+        (struct.pack("!BBI", 4, 0, 1) + b"\0\0\0\0", "positive"),
+        (struct.pack("!BBI", 5, 0, 1) + b"\0", "too short"),
+        (struct.pack("!BBI", 3, 0, 1) + b"x" * protocol.MAX_FRAME, "too large"),
+    ],
+)
+def test_malformed_frames_say_what_is_wrong(message: bytes, why: str) -> None:
+    with pytest.raises(ProtocolError, match=why):
+        protocol.decode(message)
+
+
+def test_version_check() -> None:
+    assert protocol.check_version(str(protocol.PROTOCOL_VERSION)) is None
+    assert "missing" in (protocol.check_version(None) or "")
+    problem = protocol.check_version("2")
+    assert problem is not None and "server speaks 1" in problem and "'2'" in problem
+
+
+class TestFlowControl:
+    def test_sender_stops_at_the_window(self) -> None:
+        window = protocol.SendWindow(100)
+        assert window.spend(60)
+        assert not window.spend(41)
+        assert window.spend(40)
+        assert window.credit == 0
+        window.grant(10)
+        assert window.credit == 10
+
+    def test_grant_overflow_is_a_protocol_error(self) -> None:
+        window = protocol.SendWindow(protocol.MAX_WINDOW)
+        with pytest.raises(ProtocolError):
+            window.grant(1)
+
+    def test_receiver_rejects_an_overrun(self) -> None:
+        window = protocol.RecvWindow(100)
+        window.receive(100)
+        with pytest.raises(ProtocolError, match="flow-control"):
+            window.receive(1)
+
+    def test_receiver_grants_in_half_window_batches(self) -> None:
+        window = protocol.RecvWindow(100)
+        window.receive(100)
+        assert window.consume(30) == 0
+        assert window.consume(30) == 60
+        assert window.available == 60
+        window.receive(60)
+        assert window.consume(40) == 0 and window.consume(10) == 50
+
+    @given(st.lists(st.integers(min_value=1, max_value=protocol.MAX_CHUNK), max_size=200))
+    def test_sender_and_receiver_never_deadlock_and_stay_bounded(self, chunks: list[int]) -> None:
+        """Any chunk sizes up to MAX_CHUNK flow through; in flight never exceeds a window."""
+        sender, receiver = protocol.SendWindow(), protocol.RecvWindow()
+        in_flight = 0
+        for size in chunks:
+            if not sender.spend(size):
+                # Blocked: the receiver consumes what it holds and grants credit back.
+                increment = receiver.consume(in_flight)
+                in_flight = 0
+                assert increment > 0
+                sender.grant(increment)
+                assert sender.spend(size), "a blocked sender must be unblocked by consumption"
+            receiver.receive(size)
+            in_flight += size
+            assert in_flight <= protocol.INITIAL_WINDOW
