@@ -19,13 +19,19 @@ Endpoints (every request whose path does not start with ``/__`` counts as a hit)
                            chunks of C bytes with a flush (backpressure) per chunk,
                            ``Content-Length: N`` unless ``chunked=1``.
 ``POST|PUT /upload``       streamed body sink (``@stream_request_body``): answers JSON
-                           ``{"len", "sha256"}`` without holding the body.
+                           ``{"len", "sha256"}`` without holding the body. With
+                           ``?notify=1`` it prints ``upload-data "URI" N`` when the first
+                           body bytes arrive (N = bytes received so far).
 ``GET /drip?token=T``      writes ``first\\n`` and flushes, then waits until
                            ``POST /__release/T`` (or 120 s), then writes ``last\\n``.
 ``GET /drip?delay=D``      the same, but the last line comes after D seconds.
 ``* /slow?delay=D``        answers JSON after D seconds; tracks in-flight count.
+``* /barrier?name=B&n=N[&timeout=S]`` answers 200 once N requests wait on barrier B
+                           (all in flight at once), or 500 ``barrier timeout`` after S
+                           seconds (default 60).
 ``* /status/CODE[?reason=R]`` answers CODE with reason R and a short text body.
-``GET /cookies``           three ``Set-Cookie`` headers (one with a comma), two ``X-Multi``.
+``GET /cookies[?secret=S]`` three ``Set-Cookie`` headers (one with a comma), two
+                           ``X-Multi``; plus ``Set-Cookie: token=S`` when ``secret`` given.
 ``GET /redirect?to=URL[&code=302]`` a redirect with ``Location: URL``.
 ``GET /gzip``              ``GZIP_PLAIN`` gzip-compressed, ``Content-Encoding: gzip``.
 ``GET /nocontent``         204.
@@ -196,8 +202,11 @@ class Upload(Base):
         self._len = 0
 
     def data_received(self, chunk: bytes) -> None:
+        first = self._len == 0
         self._sha.update(chunk)
         self._len += len(chunk)
+        if first and self.get_argument("notify", "0") == "1":
+            _say(f"upload-data {json.dumps(self.request.uri)} {self._len}")
 
     def _done(self) -> None:
         self.send_json({"len": self._len, "sha256": self._sha.hexdigest()})
@@ -263,6 +272,32 @@ class Slow(Base):
         self.send_json({"slept": delay})
 
 
+class Barrier(Base):
+    waiting: dict[str, list[asyncio.Future[None]]] = {}
+
+    def prepare(self) -> Any:
+        super().prepare()
+        return self._wait()
+
+    async def _wait(self) -> None:
+        name = self.get_argument("name")
+        n = int(self.get_argument("n"))
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        group = self.waiting.setdefault(name, [])
+        group.append(fut)
+        if len(group) >= n:
+            for f in group:
+                if not f.done():
+                    f.set_result(None)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), float(self.get_argument("timeout", "60")))
+        except TimeoutError:
+            self.set_status(500)
+            self.finish(b"barrier timeout\n")
+            return
+        self.send_json({"barrier": name, "n": n})
+
+
 class Status(Base):
     def prepare(self) -> Any:
         super().prepare()
@@ -283,6 +318,9 @@ class Cookies(Base):
         self.add_header("Set-Cookie", "a=1; Path=/")
         self.add_header("Set-Cookie", "b=2; Expires=Wed, 21 Oct 2026 07:28:00 GMT; HttpOnly")
         self.add_header("Set-Cookie", "c=3")
+        secret = self.get_argument("secret", None)
+        if secret:
+            self.add_header("Set-Cookie", f"token={secret}; Secure")
         self.add_header("X-Multi", "one")
         self.add_header("X-Multi", "two")
         self.finish(b"cookies\n")
@@ -364,6 +402,7 @@ def make_app() -> tornado.web.Application:
             (r"/upload", Upload),
             (r"/drip", Drip),
             (r"/slow", Slow),
+            (r"/barrier", Barrier),
             (r"/status/(\d+)", Status),
             (r"/cookies", Cookies),
             (r"/redirect", Redirect),
