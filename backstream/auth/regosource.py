@@ -192,9 +192,7 @@ def unavailable_calls(files: Iterable[RegoFile], is_builtin: Callable[[str], boo
     for f in files:
         for name, offset in function_calls(f.text):
             first = name.split(".", 1)[0]
-            if "." not in name and name in defined:
-                continue
-            if "." in name and first in aliases[f.path]:
+            if name in defined or first in aliases[f.path]:
                 continue
             if name in SPECIAL_CALLS or is_builtin(name):
                 continue

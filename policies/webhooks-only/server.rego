@@ -18,4 +18,12 @@ ambiguous(path) if contains(path, "/..")
 
 ambiguous(path) if contains(path, "//")
 
-ambiguous(path) if regex.match(`(?i)%2e|%2f|%5c|\\`, path)
+ambiguous(path) if contains(path, `\`)
+
+ambiguous(path) if {
+	some encoded in ["%2e", "%2f", "%5c"]
+	contains(lower(path), encoded)
+}
+
+# Note: guards used under `not` must not call builtins that can fail: a failing
+# builtin is undefined in OPA's default mode, and `not undefined` is true.
