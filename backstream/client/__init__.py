@@ -211,7 +211,8 @@ async def serve_once(
         log.error("cannot connect to server url=%s: %s", url, e)
         return False, 1.0
     loop = asyncio.get_running_loop()
-    ws.protocol.set_nodelay(True)  # frames are small and latency-bound: no Nagle
+    if ws.protocol is not None:
+        ws.protocol.set_nodelay(True)  # frames are small and latency-bound: no Nagle
     tunnel = ClientTunnel(ws, config, http_client, har)
     started = loop.time()
     log.info("connected to server url=%s", url)
