@@ -12,7 +12,7 @@ import asyncio
 import logging
 from typing import Any
 
-from tornado import httpclient
+from tornado import httpclient, httputil
 from tornado.curl_httpclient import CurlAsyncHTTPClient
 from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
 
@@ -142,15 +142,15 @@ class ClientTunnel:
 
 async def connect(config: ClientConfig, on_message: Any) -> WebSocketClientConnection:
     """Open the tunnel WebSocket; HTTP errors come back as HTTPClientError."""
-    headers = {protocol.CLIENT_HEADER: str(protocol.PROTOCOL_VERSION)}
+    headers = httputil.HTTPHeaders({protocol.CLIENT_HEADER: str(protocol.PROTOCOL_VERSION)})
+    for name, value in config.headers:
+        headers.add(name, value)
     request = httpclient.HTTPRequest(
         config.server_url,
         headers=headers,
         connect_timeout=CONNECT_TIMEOUT,
         request_timeout=CONNECT_TIMEOUT,
     )
-    for name, value in config.headers:
-        request.headers.add(name, value)
     return await websocket_connect(
         request,
         on_message_callback=on_message,

@@ -18,7 +18,10 @@ from tornado.routing import Matcher, Rule
 from tornado.web import Application
 
 from .. import protocol
+from ..auth import create_authorizer
+from ..auth.none import NoAuth
 from ..config import ServerConfig
+from .gate import Gate
 from .public import PublicHandler
 from .tunnel import TunnelHandler, Tunnels
 
@@ -33,9 +36,10 @@ class _HasClientHeader(Matcher):
         return {} if protocol.CLIENT_HEADER in request.headers else None
 
 
-def make_app(config: ServerConfig, tunnels: Tunnels) -> Application:
+def make_app(config: ServerConfig, tunnels: Tunnels, gate: Gate | None) -> Application:
     """The Tornado application relaying public requests to ``tunnels``."""
     public = {
+        "gate": gate,
         "tunnels": tunnels,
         "no_client_code": config.no_client_code,
         "timeout": config.timeout,
@@ -43,7 +47,7 @@ def make_app(config: ServerConfig, tunnels: Tunnels) -> Application:
     }
     return Application(
         [
-            Rule(_HasClientHeader(), TunnelHandler, {"tunnels": tunnels}),
+            Rule(_HasClientHeader(), TunnelHandler, {"tunnels": tunnels, "gate": gate}),
             Rule(_Anything(), PublicHandler, public),
         ],
         websocket_ping_interval=config.ping_interval or None,
@@ -64,8 +68,14 @@ class _Anything(Matcher):
 
 async def run_server(config: ServerConfig) -> None:
     """Serve until SIGINT or SIGTERM."""
+    authorizer = create_authorizer(
+        config.auth, config.policy_paths, config.opa_url, config.opa_token
+    )
+    gate = None if isinstance(authorizer, NoAuth) else Gate(authorizer)
+    if gate is not None:
+        await gate.warn_missing()
     tunnels = Tunnels()
-    app = make_app(config, tunnels)
+    app = make_app(config, tunnels, gate)
     server = HTTPServer(
         app,
         chunk_size=CHUNK_SIZE,
@@ -79,12 +89,26 @@ async def run_server(config: ServerConfig) -> None:
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if sock.family == socket.AF_INET6 else host
         log.info("listening url=http://%s:%d", shown, port)
-    if not config.policy_paths:
-        log.warning("no policy given (-p): anyone may connect as a tunnel client")
+    if gate is None:
+        log.warning("no policy in force: anyone may connect as a tunnel client")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    tasks: set[asyncio.Task[None]] = set()
+    if gate is not None:
+
+        def on_sighup() -> None:
+            task = asyncio.ensure_future(gate.reload("SIGHUP"))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
+        if config.policy_reload:
+            tasks.add(gate.watch(config.policy_reload))
     await stop.wait()
     log.info("shutting down")
     server.stop()
+    for task in tasks:
+        task.cancel()
+    await authorizer.close()

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tornado import httputil, iostream
 from tornado.web import RequestHandler, stream_request_body
 
 from .. import errors, protocol, relay
+from .gate import Gate
 from .stream import ServerStream
 from .tunnel import Tunnels
 
@@ -44,13 +44,13 @@ class PublicHandler(RequestHandler):
         no_client_code: int,
         timeout: float,
         max_body_size: int,
-        authorize: Callable[[RequestHandler], Awaitable[None]] | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self.tunnels = tunnels
         self.no_client_code = no_client_code
         self.timeout = timeout
         self.max_body_size = max_body_size
-        self.authorize = authorize
+        self.gate = gate
         self.started = time.monotonic()
         self.body_length = 0
         self.body_received = 0
@@ -77,8 +77,8 @@ class PublicHandler(RequestHandler):
         # Nagle's algorithm holds the body for the caller's delayed ACK (40 ms).
         request.connection.stream.set_nodelay(True)  # type: ignore[union-attr]
         try:
-            if self.authorize is not None:
-                await self.authorize(self)
+            if self.gate is not None:
+                await self.gate.check_public(request)
             target = relay.origin_form(request.uri or "")
             body_length = _body_length(request.headers)
             if self.max_body_size and body_length > self.max_body_size:
@@ -131,9 +131,7 @@ class PublicHandler(RequestHandler):
             stream.end_body()
         try:
             head = await stream.response_head()
-            self.set_status(
-                head.status, head.reason or None
-            )
+            self.set_status(head.status, head.reason or None)
             for name, value in head.headers:
                 self.add_header(name, value)
             await self.flush()

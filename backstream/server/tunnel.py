@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any
 
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from .. import errors, protocol
+from .gate import Gate
 from .stream import ServerStream
 
 log = logging.getLogger("backstream.server")
@@ -112,20 +112,27 @@ class TunnelHandler(WebSocketHandler):
     tunnels: Tunnels
     tunnel: Tunnel | None = None
 
-    def initialize(self, tunnels: Tunnels, authorize: Any = None) -> None:
+    def initialize(self, tunnels: Tunnels, gate: Gate | None = None) -> None:
         self.tunnels = tunnels
-        self.authorize = authorize
+        self.gate = gate
 
     async def prepare(self) -> None:
         problem = protocol.check_version(self.request.headers.get(protocol.CLIENT_HEADER))
         if problem is not None:
             log.warning("refused tunnel client remote=%s: %s", self.request.remote_ip, problem)
-            self.set_status(400, reason="Backstream protocol version mismatch")
-            self.set_header("Content-Type", "text/plain; charset=utf-8")
-            self.finish(problem + "\n")
+            self._refuse(400, problem)
             return
-        if self.authorize is not None:
-            await self.authorize(self)
+        if self.gate is not None:
+            try:
+                await self.gate.check_client(self.request)
+            except errors.StreamError as e:
+                self._refuse(e.status, e.reason)
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer the handshake with an error instead of upgrading."""
+        self.set_status(status)
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.finish(message + "\n")
 
     def check_origin(self, origin: str) -> bool:
         # Tunnel clients are programs, not browsers; auth.client decides who may connect.

@@ -1,0 +1,98 @@
+"""Policy checks for the server's two doors: the tunnel handshake and public requests.
+
+The gate turns a Tornado request into the policy input document and a
+``Decision`` into an exception: ``PolicyDenied`` (403) for a plain deny,
+``PolicyFailure`` (500) when the engine failed, so a broken policy engine
+never looks like bad credentials, and never lets anything through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import urllib.parse
+
+from tornado.httputil import HTTPServerRequest
+
+from .. import errors
+from ..auth import CLIENT_PACKAGE, SERVER_PACKAGE, Authorizer, build_input
+
+log = logging.getLogger("backstream.auth")
+
+
+class Gate:
+    """Asks the authorizer about each request; raises when it is not allowed."""
+
+    def __init__(self, authorizer: Authorizer) -> None:
+        self.authorizer = authorizer
+
+    async def check_client(self, request: HTTPServerRequest) -> None:
+        await self._check(CLIENT_PACKAGE, request)
+
+    async def check_public(self, request: HTTPServerRequest) -> None:
+        await self._check(SERVER_PACKAGE, request)
+
+    async def _check(self, package: str, request: HTTPServerRequest) -> None:
+        document = build_input(
+            request.method or "",
+            request.path,
+            urllib.parse.parse_qsl(request.query, keep_blank_values=True),
+            list(request.headers.get_all()),
+            request.remote_ip or "",
+            request.host,
+        )
+        decision = await self.authorizer.decide(package, document)
+        if decision.error is not None:
+            log.error(
+                "policy evaluation failed package=%s %s %s remote=%s: %s",
+                package,
+                request.method,
+                request.path,
+                request.remote_ip,
+                decision.error,
+            )
+            raise errors.PolicyFailure(f"{package}: {decision.error}")
+        if not decision.allowed:
+            log.info(
+                "denied by policy package=%s %s %s remote=%s: %s",
+                package,
+                request.method,
+                request.path,
+                request.remote_ip,
+                decision.detail,
+            )
+            raise errors.PolicyDenied(f"{package}: {decision.detail or 'denied'}")
+
+    async def reload(self, why: str) -> None:
+        """Swap in the policies on disk; a broken set is logged and the old one kept."""
+        try:
+            await self.authorizer.reload()
+        except errors.ConfigError as e:
+            log.error("policy reload (%s) rejected, keeping the previous policies: %s", why, e)
+            return
+        log.info("policies reloaded (%s)", why)
+        await self.warn_missing()
+
+    async def reload_if_changed(self) -> None:
+        if self.authorizer.changed():
+            await self.reload("files changed")
+
+    async def warn_missing(self) -> None:
+        for package in await self.authorizer.missing_packages():
+            guarded = "tunnel client" if package == CLIENT_PACKAGE else "public request"
+            log.warning(
+                "policy package %s is not loaded: every %s will be denied "
+                "(a policy set needs both auth.client and auth.server)",
+                package,
+                guarded,
+            )
+
+    def watch(self, interval: float) -> asyncio.Task[None]:
+        """Reload whenever the policy files change, checking every ``interval`` s."""
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                await self.reload_if_changed()
+
+        return asyncio.ensure_future(loop())
