@@ -13,12 +13,12 @@ import logging
 from typing import Any
 
 from tornado import httpclient, httputil
-from tornado.curl_httpclient import CurlAsyncHTTPClient
 from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
 
 from .. import errors, protocol
 from ..config import ClientConfig
 from ..har import HarRecorder
+from .curl import UpstreamClient
 from .upstream import Exchange
 
 log = logging.getLogger("backstream.client")
@@ -51,7 +51,7 @@ class ClientTunnel:
         self,
         ws: WebSocketClientConnection,
         config: ClientConfig,
-        http_client: CurlAsyncHTTPClient,
+        http_client: UpstreamClient,
         har: HarRecorder | None,
     ) -> None:
         self.ws = ws
@@ -162,7 +162,7 @@ async def connect(config: ClientConfig, on_message: Any) -> WebSocketClientConne
 
 async def run_client(config: ClientConfig) -> None:
     """Connect and serve for ever; only a protocol version mismatch is fatal."""
-    http_client = CurlAsyncHTTPClient(
+    http_client = UpstreamClient(
         force_instance=True,
         max_clients=config.max_concurrency,
         max_body_size=1 << 62,  # bodies are streamed with flow control, never held
@@ -183,7 +183,7 @@ async def run_client(config: ClientConfig) -> None:
 
 
 async def serve_once(
-    config: ClientConfig, http_client: CurlAsyncHTTPClient, har: HarRecorder | None
+    config: ClientConfig, http_client: UpstreamClient, har: HarRecorder | None
 ) -> tuple[bool, float]:
     """One connection, served until it closes: (was it stable, backoff slowdown)."""
     tunnel: ClientTunnel | None = None

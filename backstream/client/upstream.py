@@ -23,11 +23,12 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import pycurl
-from tornado.curl_httpclient import CurlAsyncHTTPClient, CurlError
+from tornado.curl_httpclient import CurlError
 from tornado.httpclient import HTTPRequest, HTTPResponse
 
 from .. import errors, protocol, relay
 from ..config import ClientConfig
+from .curl import UpstreamClient
 
 if TYPE_CHECKING:
     from ..har import HarEntry
@@ -85,6 +86,8 @@ class Exchange:
         self.upload: collections.deque[bytes] = collections.deque()
         self.upload_done = head.body_length == 0
         self.curl: pycurl.Curl | None = None
+        self.http_client: UpstreamClient | None = None
+        self.request: HTTPRequest | None = None
         self.read_paused = False
         self.write_paused = False
         self.cancelled = False
@@ -99,10 +102,11 @@ class Exchange:
 
     # -- the transfer -------------------------------------------------------------
 
-    async def run(self, http_client: CurlAsyncHTTPClient) -> None:
+    async def run(self, http_client: UpstreamClient) -> None:
         config = self.config
+        self.http_client = http_client
         timer = self.tunnel.loop.call_later(config.timeout, self._on_timeout)
-        request = HTTPRequest(
+        self.request = request = HTTPRequest(
             config.dst_origin + "/",
             method=self.head.method,
             follow_redirects=False,
@@ -163,6 +167,8 @@ class Exchange:
         )
 
     def _prepare_curl(self, curl: Any) -> None:
+        if self.cancelled:  # cancelled while queued behind --max-concurrency
+            raise errors.Cancelled("cancelled before the transfer started")
         self.curl = curl
         head, config = self.head, self.config
         host = (
@@ -177,8 +183,6 @@ class Exchange:
         )
         curl.setopt(pycurl.HEADERFUNCTION, self._on_header_line)
         curl.setopt(pycurl.WRITEFUNCTION, self._on_body)
-        curl.setopt(pycurl.NOPROGRESS, 0)
-        curl.setopt(pycurl.XFERINFOFUNCTION, self._on_progress)
         curl.setopt(pycurl.BUFFERSIZE, protocol.MAX_CHUNK)
         curl.setopt(pycurl.TCP_NODELAY, 1)
         if head.body_length != 0:
@@ -257,9 +261,6 @@ class Exchange:
             self.tunnel.send(protocol.Window(self.id, increment).encode())
         return chunk
 
-    def _on_progress(self, *args: int) -> int:
-        return 1 if self.cancelled else 0
-
     # -- frames from the server -----------------------------------------------------
 
     def on_request_data(self, frame: protocol.Data) -> None:
@@ -289,7 +290,8 @@ class Exchange:
             return
         self.cancelled = True
         log.debug("stream=%d cancelled: %s", self.id, why)
-        self._unpause()
+        if self.curl is not None and self.http_client is not None and self.request is not None:
+            self.http_client.abort(self.curl, self.request, why)
 
     def _unpause(self) -> None:
         curl = self.curl
