@@ -31,7 +31,8 @@ Endpoints (every request whose path does not start with ``/__`` counts as a hit)
                            seconds (default 60).
 ``* /status/CODE[?reason=R]`` answers CODE with reason R and a short text body.
 ``GET /cookies[?secret=S]`` three ``Set-Cookie`` headers (one with a comma), two
-                           ``X-Multi``; plus ``Set-Cookie: token=S`` when ``secret`` given.
+                           ``X-Multi``; plus ``Set-Cookie: token=V; Secure`` when ``secret``
+                           is given, V = ``set_cookie_secret(S)``.
 ``GET /redirect?to=URL[&code=302]`` a redirect with ``Location: URL``.
 ``GET /gzip``              ``GZIP_PLAIN`` gzip-compressed, ``Content-Encoding: gzip``.
 ``GET /nocontent``         204.
@@ -76,13 +77,21 @@ def pattern_chunks(total: int, chunk: int = 64 * 1024) -> Iterator[bytes]:
     pos = 0
     while pos < total:
         n = min(chunk, total - pos)
-        start = pos % PATTERN_BLOCK_LEN
-        end = start + n
-        if end <= PATTERN_BLOCK_LEN:
-            yield _PATTERN_BLOCK[start:end]
-        else:
-            yield _PATTERN_BLOCK[start:] + _PATTERN_BLOCK[: end - PATTERN_BLOCK_LEN]
+        parts = []
+        need = n
+        while need:
+            start = (pos + n - need) % PATTERN_BLOCK_LEN
+            piece = _PATTERN_BLOCK[start : start + need]
+            parts.append(piece)
+            need -= len(piece)
+        yield parts[0] if len(parts) == 1 else b"".join(parts)
         pos += n
+
+
+def set_cookie_secret(seed: str) -> str:
+    """The cookie value ``/cookies?secret=SEED`` sets (the seed itself is in the URL,
+    which may be logged; this derived value is not)."""
+    return "setcookie-secret-" + hashlib.sha256(seed.encode()).hexdigest()[:12]
 
 
 def pattern_sha256(total: int) -> str:
@@ -320,7 +329,7 @@ class Cookies(Base):
         self.add_header("Set-Cookie", "c=3")
         secret = self.get_argument("secret", None)
         if secret:
-            self.add_header("Set-Cookie", f"token={secret}; Secure")
+            self.add_header("Set-Cookie", f"token={set_cookie_secret(secret)}; Secure")
         self.add_header("X-Multi", "one")
         self.add_header("X-Multi", "two")
         self.finish(b"cookies\n")

@@ -39,6 +39,10 @@ def test_pattern_is_deterministic_and_chunk_independent() -> None:
     b = b"".join(pattern_chunks(n, 777))
     assert a == b and len(a) == n
     assert hashlib.sha256(a).hexdigest() == pattern_sha256(n)
+    # chunks larger than the block, at every offset
+    for chunk in (PATTERN_BLOCK_LEN + 1, 1 << 20, 3 * PATTERN_BLOCK_LEN):
+        c = b"".join(pattern_chunks(n, chunk))
+        assert c == a, chunk
 
 
 def test_echo_any_method_and_raw_uri(app: LocalApp) -> None:
