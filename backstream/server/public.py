@@ -134,11 +134,16 @@ class PublicHandler(RequestHandler):
             self.set_status(head.status, head.reason or None)
             for name, value in head.headers:
                 self.add_header(name, value)
-            await self.flush()
+            if head.end_stream or not stream.complete():
+                # Send the head now: the caller may act on it before any body
+                # (server-sent events, long polls), and Tornado must not
+                # rewrite the headers of a body-less response in finish().
+                await self.flush()
             while (data := await stream.read()) is not None:
                 self.write(data)
-                await self.flush()
                 self.body_sent += len(data)
+                if not stream.complete():  # the last piece goes out with finish()
+                    await self.flush()
                 stream.consumed(len(data))
         except errors.StreamError as e:
             self.fail(e)

@@ -122,6 +122,10 @@ class ServerStream:
             await self._wait()
         return self.response
 
+    def complete(self) -> bool:
+        """Whether the rest of the response body has arrived (nothing more to wait for)."""
+        return self._ended and self._error is None
+
     async def read(self) -> bytes | None:
         """The next response bytes (all that are queued), or None at the end."""
         while not self._chunks:
