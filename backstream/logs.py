@@ -17,6 +17,8 @@ import sys
 import time
 from typing import Any
 
+from .errors import ConfigError
+
 _SECRET_RE = re.compile(
     r"""(?ix)
     (
@@ -83,7 +85,10 @@ def setup_logging(level: str = "info", fmt: str = "text", output: str = "stderr"
     elif output == "stdout":
         handler = logging.StreamHandler(sys.stdout)
     else:
-        handler = logging.FileHandler(output, encoding="utf-8")
+        try:
+            handler = logging.FileHandler(output, encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"cannot open log output {output!r}: {e.strerror}") from None
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(MaskingFilter())
     root = logging.getLogger()
