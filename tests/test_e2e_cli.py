@@ -4,6 +4,7 @@ environment variables, aliases."""
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 from harness import LocalApp, ProcessPool, request, run_cli
@@ -114,3 +115,17 @@ def test_short_aliases_work(procs: ProcessPool, local_app: LocalApp) -> None:
     )
     cli.wait_for(r"connected to server url=ws://", timeout=20)
     assert request(srv, "GET", "/alias").status == 200
+
+
+def test_config_file(procs: ProcessPool, tmp_path: Path) -> None:
+    conf = tmp_path / "backstream.conf"
+    conf.write_text("addr = 127.0.0.1:0\ncode = 596\n")
+    srv = procs.server("--config", str(conf), addr=False)
+    assert request(srv, "GET", "/x").status == 596
+
+
+def test_config_file_env_var(procs: ProcessPool, tmp_path: Path) -> None:
+    conf = tmp_path / "backstream.conf"
+    conf.write_text("addr = 127.0.0.1:0\ncode = 595\n")
+    srv = procs.server(addr=False, env={"BACKSTREAM_CONFIG": str(conf)})
+    assert request(srv, "GET", "/x").status == 595

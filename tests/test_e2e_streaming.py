@@ -26,8 +26,9 @@ from harness import (
 
 MiB = 1024 * 1024
 BIG = 200 * MiB
-#: Peak RSS cap for the server and for the client during a 200 MiB transfer.
-RSS_CAP_KIB = 120 * 1024
+#: Peak RSS cap for the server and for the client during a 200 MiB transfer (measured:
+#: server 29 MiB, client 40 MiB, i.e. start-up size; the cap leaves ~40 MiB of margin).
+RSS_CAP_KIB = 80 * 1024
 
 
 def _report(name: str, procs: ProcessPool, elapsed: float, nbytes: int) -> str:
