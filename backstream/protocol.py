@@ -1,11 +1,12 @@
 """The backstream wire protocol, free of I/O.
 
-One tunnel is one WebSocket between the public server and a client. Every
-WebSocket message is exactly one binary *frame*::
+One tunnel is one WebSocket between the public server and a client. Each
+binary WebSocket message carries one or more *frames* back to back (a sender
+batches what it has queued in one event-loop turn into one message)::
 
-    +--------+--------+----------------------+------------------+
-    | type 1 | flags 1| stream id 4 (BE u32) | payload ...      |
-    +--------+--------+----------------------+------------------+
+    +--------+---------+----------------------+---------------------+---------+
+    | type 1 | flags 1 | stream id 4 (BE u32) | payload length 4 BE | payload |
+    +--------+---------+----------------------+---------------------+---------+
 
 Frame types (``S->C``: server to client):
 
@@ -25,9 +26,10 @@ The protocol version travels in the ``Backstream-Client`` header of the
 WebSocket handshake, so a client speaking another version is refused before
 the upgrade with a message that says which versions the two sides speak.
 
-Nothing here does I/O: callers feed bytes to :func:`decode` and send what
-:meth:`Frame.encode` returns. Malformed input raises :class:`ProtocolError`
-(the I/O layer closes that one tunnel), never anything else.
+Nothing here does I/O: callers feed each message to :func:`decode_all`, and
+send what :meth:`Frame.encode` returns, joined by a :class:`Batch`. Malformed
+input raises :class:`ProtocolError` (the I/O layer closes that one tunnel),
+never anything else.
 """
 
 from __future__ import annotations
@@ -48,12 +50,16 @@ CLIENT_HEADER = "Backstream-Client"
 INITIAL_WINDOW = 256 * 1024
 #: Largest DATA payload a sender puts in one frame (must fit twice in a window).
 MAX_CHUNK = 64 * 1024
-#: Largest frame a receiver accepts; bounds the memory one message can take.
+#: Largest frame payload a receiver accepts.
 MAX_FRAME = MAX_CHUNK + 256 * 1024
+#: A sender starts a new message once a batch reaches this size.
+BATCH_SIZE = 256 * 1024
+#: Largest message a receiver accepts: a full batch plus one largest frame.
+MAX_MESSAGE = BATCH_SIZE + MAX_FRAME + 64
 #: A window can never grow beyond this (credit overflow is a protocol error).
 MAX_WINDOW = 2**31 - 1
 
-_HEADER = struct.Struct("!BBI")
+_HEADER = struct.Struct("!BBII")
 HEADER_SIZE = _HEADER.size
 _U32 = struct.Struct("!I")
 _U16 = struct.Struct("!H")
@@ -174,7 +180,7 @@ class Data:
 
     def encode(self) -> bytes:
         flags = FLAG_END if self.end_stream else 0
-        return _HEADER.pack(self.TYPE, flags, self.stream_id) + self.data
+        return _HEADER.pack(self.TYPE, flags, self.stream_id, len(self.data)) + self.data
 
     @classmethod
     def decode_payload(cls, stream_id: int, flags: int, payload: bytes) -> Data:
@@ -191,7 +197,7 @@ class Window:
     TYPE: ClassVar[FrameType] = FrameType.WINDOW
 
     def encode(self) -> bytes:
-        return _HEADER.pack(self.TYPE, 0, self.stream_id) + _U32.pack(self.increment)
+        return _HEADER.pack(self.TYPE, 0, self.stream_id, _U32.size) + _U32.pack(self.increment)
 
     @classmethod
     def decode_payload(cls, stream_id: int, flags: int, payload: bytes) -> Window:
@@ -215,7 +221,8 @@ class Reset:
 
     def encode(self) -> bytes:
         text = self.message.encode("utf-8")[:1024]
-        return _HEADER.pack(self.TYPE, 0, self.stream_id) + _U16.pack(self.code) + text
+        length = _U16.size + len(text)
+        return _HEADER.pack(self.TYPE, 0, self.stream_id, length) + _U16.pack(self.code) + text
 
     @classmethod
     def decode_payload(cls, stream_id: int, flags: int, payload: bytes) -> Reset:
@@ -237,25 +244,81 @@ _DECODERS: dict[int, Any] = {
 }
 
 
+def decode_all(message: bytes) -> list[Frame]:
+    """Parse one WebSocket message into its frames; raise ProtocolError if malformed."""
+    if len(message) > MAX_MESSAGE:
+        raise ProtocolError(f"message too large ({len(message)} bytes)")
+    frames: list[Frame] = []
+    offset, end = 0, len(message)
+    view = memoryview(message)
+    while offset < end:
+        if end - offset < HEADER_SIZE:
+            raise ProtocolError(f"truncated frame header ({end - offset} bytes)")
+        type_, flags, stream_id, length = _HEADER.unpack_from(message, offset)
+        start = offset + HEADER_SIZE
+        offset = start + length
+        if length > MAX_FRAME:
+            raise ProtocolError(f"frame too large ({length} bytes)")
+        if offset > end:
+            raise ProtocolError(f"truncated frame: {length} bytes announced, {end - start} sent")
+        decoder = _DECODERS.get(type_)
+        if decoder is None:
+            raise ProtocolError(f"unknown frame type {type_}")
+        if stream_id == 0:
+            raise ProtocolError("stream id 0 is reserved")
+        frames.append(decoder(stream_id, flags, bytes(view[start:offset])))
+    if not frames:
+        raise ProtocolError("empty message")
+    return frames
+
+
 def decode(message: bytes) -> Frame:
-    """Parse one WebSocket message into a frame; raise ProtocolError if malformed."""
-    if len(message) < HEADER_SIZE:
-        raise ProtocolError(f"frame too short ({len(message)} bytes)")
-    if len(message) > MAX_FRAME:
-        raise ProtocolError(f"frame too large ({len(message)} bytes)")
-    type_, flags, stream_id = _HEADER.unpack_from(message)
-    decoder = _DECODERS.get(type_)
-    if decoder is None:
-        raise ProtocolError(f"unknown frame type {type_}")
-    if stream_id == 0:
-        raise ProtocolError("stream id 0 is reserved")
-    frame: Frame = decoder(stream_id, flags, message[HEADER_SIZE:])
-    return frame
+    """Parse a message that must hold exactly one frame (tests and tools)."""
+    frames = decode_all(message)
+    if len(frames) != 1:
+        raise ProtocolError(f"expected one frame, got {len(frames)}")
+    return frames[0]
+
+
+class Batch:
+    """Encoded frames waiting to go out, cut into messages of about BATCH_SIZE.
+
+    Batching is what keeps a busy tunnel cheap: one WebSocket message (one
+    header, one mask, one syscall) for everything a turn of the event loop
+    produced, instead of one per frame.
+    """
+
+    __slots__ = ("_parts",)
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._parts)
+
+    def add(self, frame: bytes) -> None:
+        self._parts.append(frame)
+
+    def messages(self) -> list[bytes]:
+        """Take everything queued, as messages ready to send."""
+        messages: list[bytes] = []
+        current: list[bytes] = []
+        size = 0
+        for part in self._parts:
+            if current and size + len(part) > BATCH_SIZE:
+                messages.append(b"".join(current))
+                current, size = [], 0
+            current.append(part)
+            size += len(part)
+        if current:
+            messages.append(current[0] if len(current) == 1 else b"".join(current))
+        self._parts = []
+        return messages
 
 
 def _head_frame(type_: FrameType, flags: int, stream_id: int, payload: list[Any]) -> bytes:
     body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    return _HEADER.pack(type_, flags, stream_id) + body
+    return _HEADER.pack(type_, flags, stream_id, len(body)) + body
 
 
 def _json_array(payload: bytes, length: int) -> list[Any]:

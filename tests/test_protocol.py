@@ -54,7 +54,7 @@ def test_every_frame_round_trips(frame: protocol.Frame) -> None:
 @given(st.binary(max_size=512))
 def test_garbage_is_a_protocol_error_never_a_crash(message: bytes) -> None:
     try:
-        protocol.decode(message)
+        protocol.decode_all(message)
     except ProtocolError:
         pass
 
@@ -66,14 +66,36 @@ def test_mutated_frames_decode_or_raise(frame: protocol.Frame, data: st.DataObje
     encoded[index] = data.draw(st.integers(min_value=0, max_value=255))
     cut = data.draw(st.integers(min_value=0, max_value=len(encoded)))
     try:
-        protocol.decode(bytes(encoded[:cut]))
+        protocol.decode_all(bytes(encoded[:cut]))
     except ProtocolError:
         pass
 
 
-def test_header_layout_is_type_flags_stream_id() -> None:
+def test_header_layout_is_type_flags_stream_id_length() -> None:
     encoded = Data(7, b"abc", end_stream=True).encode()
-    assert encoded == struct.pack("!BBI", 3, protocol.FLAG_END, 7) + b"abc"
+    assert encoded == struct.pack("!BBII", 3, protocol.FLAG_END, 7, 3) + b"abc"
+
+
+@given(st.lists(frames, min_size=1, max_size=20))
+def test_a_batch_carries_frames_in_order(batch_frames: list[protocol.Frame]) -> None:
+    batch = protocol.Batch()
+    for frame in batch_frames:
+        batch.add(frame.encode())
+    messages = batch.messages()
+    assert not batch
+    assert all(len(m) <= protocol.MAX_MESSAGE for m in messages)
+    decoded = [frame for message in messages for frame in protocol.decode_all(message)]
+    assert decoded == batch_frames
+
+
+def test_batches_are_cut_near_batch_size() -> None:
+    batch = protocol.Batch()
+    chunk = Data(1, b"x" * protocol.MAX_CHUNK).encode()
+    for _ in range(10):
+        batch.add(chunk)
+    messages = batch.messages()
+    assert len(messages) > 1
+    assert all(len(m) <= protocol.BATCH_SIZE for m in messages)
 
 
 def test_body_bytes_are_raw_not_base64() -> None:
@@ -98,26 +120,34 @@ def test_request_head_keeps_query_and_repeated_headers_in_order() -> None:
     assert decoded.headers == head.headers
 
 
+def _frame(type_: int, stream_id: int, payload: bytes, flags: int = 0) -> bytes:
+    return struct.pack("!BBII", type_, flags, stream_id, len(payload)) + payload
+
+
 @pytest.mark.parametrize(
     "message, why",
     [
-        (b"", "too short"),
-        (struct.pack("!BBI", 99, 0, 1), "unknown frame type"),
-        (struct.pack("!BBI", 3, 0, 0) + b"x", "stream id 0"),
-        (struct.pack("!BBI", 1, 0, 1) + b"{}", "JSON array"),
-        (struct.pack("!BBI", 1, 0, 1) + b"[1,2", "not valid JSON"),
-        (struct.pack("!BBI", 2, 0, 1) + b'[99,"x",[]]', "status"),
-        (struct.pack("!BBI", 2, 0, 1) + b'[200,"x",[["a"]]]', "pairs"),
-        (struct.pack("!BBI", 2, 0, 1) + b'[200,"x",[["a","b\\r\\nc: d"]]]', "CR or LF"),
-        (struct.pack("!BBI", 4, 0, 1) + b"\0\0", "4 bytes"),
-        (struct.pack("!BBI", 4, 0, 1) + b"\0\0\0\0", "positive"),
-        (struct.pack("!BBI", 5, 0, 1) + b"\0", "too short"),
-        (struct.pack("!BBI", 3, 0, 1) + b"x" * protocol.MAX_FRAME, "too large"),
+        (b"", "empty message"),
+        (b"\x03\x00\x00", "truncated frame header"),
+        (_frame(99, 1, b""), "unknown frame type"),
+        (_frame(3, 0, b"x"), "stream id 0"),
+        (_frame(3, 1, b"abc")[:-1], "truncated frame"),
+        (_frame(3, 1, b"abc") + b"\x03", "truncated frame header"),
+        (_frame(1, 1, b"{}"), "JSON array"),
+        (_frame(1, 1, b"[1,2"), "not valid JSON"),
+        (_frame(2, 1, b'[99,"x",[]]'), "status"),
+        (_frame(2, 1, b'[200,"x",[["a"]]]'), "pairs"),
+        (_frame(2, 1, b'[200,"x",[["a","b\\r\\nc: d"]]]'), "CR or LF"),
+        (_frame(4, 1, b"\0\0"), "4 bytes"),
+        (_frame(4, 1, b"\0\0\0\0"), "positive"),
+        (_frame(5, 1, b"\0"), "too short"),
+        (_frame(3, 1, b"x" * (protocol.MAX_FRAME + 1)), "frame too large"),
+        (b"x" * (protocol.MAX_MESSAGE + 1), "message too large"),
     ],
 )
 def test_malformed_frames_say_what_is_wrong(message: bytes, why: str) -> None:
     with pytest.raises(ProtocolError, match=why):
-        protocol.decode(message)
+        protocol.decode_all(message)
 
 
 def test_version_check() -> None:

@@ -61,22 +61,22 @@ class ClientTunnel:
         self.loop = asyncio.get_running_loop()
         self.streams: dict[int, Exchange] = {}
         self.closed: asyncio.Future[str] = self.loop.create_future()
-        self._outbox: list[bytes] = []
+        self._batch = protocol.Batch()
         self._tasks: set[asyncio.Task[None]] = set()
 
     def send(self, frame: bytes) -> None:
         """Queue a frame; frames go out in order from the IOLoop, not from curl callbacks."""
-        if not self._outbox:
+        if not self._batch:
             self.loop.call_soon(self._flush)
-        self._outbox.append(frame)
+        self._batch.add(frame)
 
     def _flush(self) -> None:
-        frames, self._outbox = self._outbox, []
+        messages = self._batch.messages()
         if self.closed.done():
             return
         try:
-            for frame in frames:
-                self.ws.write_message(frame, binary=True)
+            for message in messages:
+                self.ws.write_message(message, binary=True)
         except WebSocketClosedError:
             self.on_message(None)
 
@@ -99,7 +99,10 @@ class ClientTunnel:
             self._close(f"protocol error: {e}")
 
     def _receive(self, message: bytes) -> None:
-        frame = protocol.decode(message)
+        for frame in protocol.decode_all(message):
+            self._route(frame)
+
+    def _route(self, frame: protocol.Frame) -> None:
         if isinstance(frame, protocol.RequestHead):
             if frame.stream_id in self.streams:
                 raise errors.ProtocolError(f"stream {frame.stream_id} opened twice")
@@ -156,7 +159,7 @@ async def connect(config: ClientConfig, on_message: Any) -> WebSocketClientConne
         on_message_callback=on_message,
         ping_interval=config.ping_interval or None,
         ping_timeout=config.ping_timeout or None,
-        max_message_size=protocol.MAX_FRAME,
+        max_message_size=protocol.MAX_MESSAGE,
     )
 
 

@@ -52,7 +52,7 @@ def make_app(config: ServerConfig, tunnels: Tunnels, gate: Gate | None) -> Appli
         ],
         websocket_ping_interval=config.ping_interval or None,
         websocket_ping_timeout=config.ping_timeout or None,
-        websocket_max_message_size=protocol.MAX_FRAME,
+        websocket_max_message_size=protocol.MAX_MESSAGE,
         log_function=_no_tornado_access_log,
     )
 

@@ -8,6 +8,7 @@ round robin.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 
@@ -31,6 +32,7 @@ class Tunnel:
         self.handler = handler
         self.streams: dict[int, ServerStream] = {}
         self._next_stream_id = 1
+        self._batch = protocol.Batch()
         self.open = True
 
     def open_stream(self, timeout: float) -> ServerStream:
@@ -44,16 +46,29 @@ class Tunnel:
         self.streams.pop(stream_id, None)
 
     def send(self, frame: bytes) -> None:
+        """Queue a frame; everything queued in one loop turn leaves as one message."""
+        if not self.open:
+            return
+        if not self._batch:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._batch.add(frame)
+
+    def _flush(self) -> None:
+        messages = self._batch.messages()
         if not self.open:
             return
         try:
-            self.handler.write_message(frame, binary=True)
+            for message in messages:
+                self.handler.write_message(message, binary=True)
         except WebSocketClosedError:
             self.closed("connection lost while sending")
 
     def receive(self, message: bytes) -> None:
-        """Route one frame; a protocol violation raises ProtocolError."""
-        frame = protocol.decode(message)
+        """Route the frames of one message; a protocol violation raises ProtocolError."""
+        for frame in protocol.decode_all(message):
+            self._route(frame)
+
+    def _route(self, frame: protocol.Frame) -> None:
         stream = self.streams.get(frame.stream_id)
         if stream is None:
             if frame.stream_id >= self._next_stream_id:
