@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from typing import Any
 
 from tornado import httpclient, httputil
@@ -178,7 +179,7 @@ async def run_client(config: ClientConfig) -> None:
         while True:
             stable, slowdown = await serve_once(config, http_client, har)
             attempt = 0 if stable else attempt + 1
-            delay = backoff_delay(attempt, cap=config.max_backoff) * slowdown
+            delay = backoff_delay(attempt, cap=config.max_backoff, rand=random.random()) * slowdown
             log.info("reconnecting in %.1fs attempt=%d", delay, attempt + 1)
             await asyncio.sleep(delay)
     finally:
