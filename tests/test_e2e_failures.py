@@ -16,6 +16,7 @@ from harness import (
     TIMEOUTS,
     Client,
     LocalApp,
+    Proc,
     ProcessPool,
     Response,
     Server,
@@ -62,10 +63,16 @@ def test_no_client_code_env(procs: ProcessPool) -> None:
     assert_error(request(srv, "GET", "/x"), 598)
 
 
+def assert_logged_with_stream_id(p: Proc, status: int) -> None:
+    """The error has a log line carrying the stream id (issue 2, "Errors")."""
+    p.wait_for(rf"(?=.*\bstream=\d+)(?=.*\b{status}\b)", timeout=10)
+
+
 def test_local_app_refused_502(procs: ProcessPool, closed_port: int) -> None:
     srv = procs.server()
     procs.client(srv, f"http://127.0.0.1:{closed_port}")
     assert_error(request(srv, "GET", "/x"), 502)
+    assert_logged_with_stream_id(srv, 502)
     assert_error(request(srv, "POST", "/x", [], b"b" * 100_000), 502)
     # the tunnel survives: a second request gets the same answer
     assert_error(request(srv, "GET", "/y"), 502)
@@ -78,6 +85,7 @@ def test_local_app_slower_than_timeout_504(procs: ProcessPool, side: str) -> Non
     procs.client(srv, app, *(["--timeout", "1"] if side == "client" else []))
     r = request(srv, "GET", "/slow?delay=20")
     assert_error(r, 504)
+    assert_logged_with_stream_id(srv, 504)
     assert r.elapsed < 10, f"504 after {r.elapsed:.1f} s with --timeout 1"
     # a fast request on the same tunnel still works
     assert request(srv, "GET", "/fast").status == 200
@@ -226,6 +234,24 @@ def test_frozen_client_detected_by_ping(procs: ProcessPool) -> None:
         os.kill(cli.pid, signal.SIGCONT)
     cli.wait_connected(2, timeout=TIMEOUTS.reconnect)
     assert request(srv, "GET", "/after-thaw").status == 200
+
+
+def test_frozen_server_detected_by_client_ping(procs: ProcessPool) -> None:
+    """The server stops answering (SIGSTOP): the client's pong timeout drops the
+    tunnel and it starts reconnecting; once the server resumes, it is connected again."""
+    app = procs.local_app()
+    srv = procs.server()
+    cli = procs.client(srv, app, "--ping-interval", "1", "--ping-timeout", "1")
+    mark = cli.mark()
+    os.kill(srv.pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        cli.wait_for(r"(?i)disconnected|reconnecting", timeout=30, start=mark)
+        print(f"client noticed the frozen server after {time.monotonic() - t0:.2f} s")
+    finally:
+        os.kill(srv.pid, signal.SIGCONT)
+    cli.wait_connected(2, timeout=TIMEOUTS.reconnect)
+    assert request(srv, "GET", "/after-server-thaw").status == 200
 
 
 # -- several clients ------------------------------------------------------------------------------

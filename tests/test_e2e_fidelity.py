@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import posixpath
 from typing import Any
 
@@ -106,6 +107,42 @@ def test_target_byte_exact_raw_socket(tunnel: Tunnel) -> None:
     assert b'"uri": "' + target.encode() + b'"' in rest
 
 
+def test_raw_utf8_bytes_in_target_byte_exact(tunnel: Tunnel) -> None:
+    target = b"/raw/caf\xc3\xa9?q=\xe2\x9c\x93"
+    raw = raw_request(
+        tunnel.server, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    code, _, _, rest = parse_raw_response(raw)
+    assert code == 200
+    assert json.loads(rest)["uri"].encode("latin-1") == target
+
+
+def test_http_1_0_request(tunnel: Tunnel) -> None:
+    raw = raw_request(tunnel.server, b"GET /h10?x=1 HTTP/1.0\r\n\r\n")
+    code, _, _, rest = parse_raw_response(raw)
+    assert code == 200
+    assert json.loads(rest)["uri"] == "/h10?x=1"
+
+
+def test_expect_100_continue(tunnel: Tunnel) -> None:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", tunnel.server.port), timeout=10) as s:
+        s.sendall(
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            b"Expect: 100-continue\r\nConnection: close\r\n\r\n"
+        )
+        interim = s.recv(1000)
+        assert interim.startswith(b"HTTP/1.1 100"), interim
+        s.sendall(b"hello")
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    code, _, _, rest = parse_raw_response(out)
+    assert code == 200
+    assert json.loads(rest) == {"len": 5, "sha256": hashlib.sha256(b"hello").hexdigest()}
+
+
 # -- headers -----------------------------------------------------------------------------
 
 
@@ -191,6 +228,8 @@ def test_binary_response_body_untouched(tunnel: Tunnel, chunked: bool) -> None:
     assert len(r.body) == n
     assert hashlib.sha256(r.body).hexdigest() == pattern_sha256(n)
     assert r.header("Content-Type") == "application/octet-stream"
+    if not chunked:  # a known length is kept (progress bars, resumable clients)
+        assert r.header("Content-Length") == str(n)
 
 
 def test_gzip_passed_through_compressed(tunnel: Tunnel) -> None:

@@ -20,7 +20,8 @@ SET_COOKIE_SECRET = set_cookie_secret(SEED)
 
 
 def har_files(d: Path) -> list[Path]:
-    return sorted(p for p in d.rglob("*") if p.is_file())
+    """Finished HAR files (``*.har``; a file being written is ``*.har.tmp``)."""
+    return sorted(p for p in d.rglob("*.har") if p.is_file())
 
 
 def check_har_1_2(doc: dict[str, Any]) -> dict[str, Any]:
@@ -85,6 +86,7 @@ def _run(procs: ProcessPool, tmp_path: Path, *flags: str) -> tuple[list[Path], l
 def test_har_one_valid_file_per_request_masked(procs: ProcessPool, tmp_path: Path) -> None:
     files, texts = _run(procs, tmp_path)
     assert len(files) == 3, files
+    assert not list(tmp_path.rglob("*.tmp")), "leftover temporary files"
     entries = [check_har_1_2(json.loads(t)) for t in texts]
     by_method = {(e["request"]["method"], e["request"]["url"].split("?")[0]) for e in entries}
     assert any(m == "POST" and u.endswith("/har/post") for m, u in by_method), by_method

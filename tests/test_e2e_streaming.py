@@ -157,6 +157,44 @@ def test_stalled_reader_backpressure_reaches_app_and_other_streams_flow(
     assert cli.peak_rss_kib() < RSS_CAP_KIB, f"client peak {cli.peak_rss_kib()} KiB"
 
 
+@pytest.mark.timeout(TIMEOUTS.big_transfer + 60)
+def test_concurrent_big_transfers_multiplexed_bounded_memory(procs: ProcessPool) -> None:
+    """8 downloads and 4 uploads of 25 MiB at once on one tunnel: all intact, and the
+    memory stays bounded (each stream's credit window, not its body, is held)."""
+    app = procs.local_app()
+    srv = procs.server()
+    cli = procs.client(srv, app)
+    size = 25 * MiB
+    expected = pattern_sha256(size)
+
+    def download(i: int) -> str:
+        conn, resp = stream_request(srv, "GET", f"/download?size={size}&i={i}", timeout=120)
+        try:
+            assert resp.status == 200
+            h = hashlib.sha256()
+            while chunk := resp.read(256 * 1024):
+                h.update(chunk)
+            return h.hexdigest()
+        finally:
+            conn.close()
+
+    def upload(i: int) -> str:
+        r = request(srv, "PUT", f"/upload?i={i}", [], pattern_chunks(size, MiB), timeout=120)
+        assert r.status == 200
+        return str(r.json()["sha256"])
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(12) as ex:
+        futures = [ex.submit(download, i) for i in range(8)]
+        futures += [ex.submit(upload, i) for i in range(4)]
+        results = [f.result() for f in futures]
+    elapsed = time.monotonic() - t0
+    assert results == [expected] * 12
+    _report("8 downloads + 4 uploads concurrently", procs, elapsed, 12 * size)
+    assert srv.peak_rss_kib() < RSS_CAP_KIB, f"server peak {srv.peak_rss_kib()} KiB"
+    assert cli.peak_rss_kib() < RSS_CAP_KIB, f"client peak {cli.peak_rss_kib()} KiB"
+
+
 @pytest.mark.timeout(90)
 def test_drip_response_arrives_incrementally(procs: ProcessPool) -> None:
     """The first line is read by the public caller while the app still holds the last."""
