@@ -187,6 +187,7 @@ def test_server_restart_client_reconnects(procs: ProcessPool) -> None:
     srv2 = procs.server(port=port)
     cli.wait_connected(2, timeout=TIMEOUTS.reconnect)
     print(f"client reconnected {time.monotonic() - t0:.2f} s after the server restart")
+    assert cli.count(r"(?i)reconnect") >= 1, "no reconnection attempt logged"
     r = request(srv2, "GET", "/after-restart")
     assert r.status == 200 and r.json()["uri"] == "/after-restart"
     assert cli.alive()

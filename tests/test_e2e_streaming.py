@@ -8,15 +8,19 @@ asserted on the peak RSS (VmHWM from /proc) of fresh server and client processes
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from harness import (
     TIMEOUTS,
     ProcessPool,
+    Response,
     pattern_chunks,
     pattern_sha256,
     request,
@@ -153,6 +157,72 @@ def test_stalled_reader_backpressure_reaches_app_and_other_streams_flow(
     finally:
         conn.close()
     assert n == BIG and h.hexdigest() == pattern_sha256(BIG)
+    assert srv.peak_rss_kib() < RSS_CAP_KIB, f"server peak {srv.peak_rss_kib()} KiB"
+    assert cli.peak_rss_kib() < RSS_CAP_KIB, f"client peak {cli.peak_rss_kib()} KiB"
+
+
+@pytest.mark.timeout(TIMEOUTS.big_transfer + 60)
+def test_frozen_app_upload_backpressure_reaches_public_sender(procs: ProcessPool) -> None:
+    """The local app stops reading (SIGSTOP) during a 200 MiB upload: the public sender
+    is blocked after a bounded amount (credit windows + socket buffers), memory stays
+    bounded, and the upload completes intact once the app resumes."""
+    app = procs.local_app()
+    srv = procs.server()
+    cli = procs.client(srv, app)
+    sent = [0]
+    frozen = threading.Event()
+
+    def body() -> Iterator[bytes]:
+        for chunk in pattern_chunks(BIG, MiB):
+            if sent[0] >= 8 * MiB and not frozen.is_set():
+                os.kill(app.pid, signal.SIGSTOP)
+                frozen.set()
+            sent[0] += len(chunk)
+            yield chunk
+
+    result: list[object] = []
+
+    def go() -> None:
+        try:
+            result.append(
+                request(
+                    srv,
+                    "POST",
+                    "/upload",
+                    [("Content-Length", str(BIG))],
+                    body(),
+                    timeout=TIMEOUTS.big_transfer,
+                )
+            )
+        except Exception as e:  # reported below
+            result.append(e)
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    try:
+        assert frozen.wait(TIMEOUTS.request)
+        last = -1
+
+        def stable() -> bool:
+            nonlocal last
+            done = sent[0] == last
+            last = sent[0]
+            return done
+
+        wait_until(stable, timeout=30, interval=1.0)
+        print(
+            f"app frozen: public sender blocked after {last / MiB:.1f} MiB of "
+            f"{BIG / MiB:.0f}; server rss {srv.rss_kib() // 1024} MiB, "
+            f"client rss {cli.rss_kib() // 1024} MiB"
+        )
+        assert last < 64 * MiB, f"{last} bytes accepted while the app was frozen"
+        assert srv.rss_kib() < RSS_CAP_KIB and cli.rss_kib() < RSS_CAP_KIB
+    finally:
+        os.kill(app.pid, signal.SIGCONT)
+    t.join(TIMEOUTS.big_transfer)
+    r = result[0]
+    assert isinstance(r, Response), r
+    assert r.status == 200 and r.json() == {"len": BIG, "sha256": pattern_sha256(BIG)}
     assert srv.peak_rss_kib() < RSS_CAP_KIB, f"server peak {srv.peak_rss_kib()} KiB"
     assert cli.peak_rss_kib() < RSS_CAP_KIB, f"client peak {cli.peak_rss_kib()} KiB"
 

@@ -122,3 +122,68 @@ def test_max_body_size_content_length_never_forwarded(procs: ProcessPool) -> Non
     except (ConnectionError, OSError):
         pass
     assert app.hits() == 0
+
+
+class _FakeServer:
+    """A one-answer HTTP server on 127.0.0.1: every request gets ``response``."""
+
+    def __init__(self, response: bytes) -> None:
+        import socket
+        import threading
+
+        self.response = response
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.requests = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                self.requests += 1
+                conn.sendall(self.response)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+def test_client_of_another_protocol_version_exits_with_clear_error(
+    procs: ProcessPool,
+) -> None:
+    """A server answering the handshake with the version-mismatch refusal: the client
+    prints one clear error and exits (it does not retry for ever)."""
+    body = b"protocol version mismatch: server speaks 2, client sent '1'; upgrade the older side\n"
+    fake = _FakeServer(
+        b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        + body
+    )
+    try:
+        cli = procs.client(f"http://127.0.0.1:{fake.port}", "http://127.0.0.1:9", wait=False)
+        rc = cli.wait_exit(TIMEOUTS.request)
+    finally:
+        fake.close()
+    out = cli.output()
+    print(f"client exit code {rc}; {fake.requests} handshake(s); output:\n{out}")
+    assert rc != 0
+    assert "Traceback" not in out
+    assert "version" in out.lower()
+    assert fake.requests <= 2, "the client kept retrying a version mismatch"
