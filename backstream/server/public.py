@@ -23,6 +23,9 @@ from .tunnel import Tunnels
 log = logging.getLogger("backstream.server")
 access_log = logging.getLogger("backstream.access")
 
+#: Body bytes read and dropped from a refused request before answering (see ``refuse``).
+LINGER_BYTES = 8 * 1024 * 1024
+
 
 class _AnyMethod:
     """Lets Tornado route any method token (PURGE, PROPFIND, ...) to the relay."""
@@ -76,28 +79,27 @@ class PublicHandler(RequestHandler):
         # The head and the body go out as separate writes: without this,
         # Nagle's algorithm holds the body for the caller's delayed ACK (40 ms).
         request.connection.stream.set_nodelay(True)  # type: ignore[union-attr]
+        self.body_length = body_length = _body_length(request.headers)
         try:
             if self.gate is not None:
                 await self.gate.check_public(request)
             target = relay.origin_form(request.uri or "")
-            body_length = _body_length(request.headers)
             if self.max_body_size and body_length > self.max_body_size:
                 raise errors.BodyTooLarge(f"Content-Length {body_length} > {self.max_body_size}")
             tunnel = self.tunnels.pick()
             if tunnel is None:
                 raise errors.NoClient("no tunnel client connected", status=self.no_client_code)
         except errors.StreamError as e:
-            self.fail(e)
+            await self.refuse(e)
             return
         except ValueError as e:
-            self.fail(errors.StreamError(str(e), status=400))
+            await self.refuse(errors.StreamError(str(e), status=400))
             return
         headers = relay.strip_hop_by_hop(request.headers.get_all(), drop=("Expect",))
         host = request.host or ""
         headers = relay.add_forwarded(
             headers, remote=request.remote_ip or "", scheme=request.protocol, host=host
         )
-        self.body_length = body_length
         self.stream = stream = tunnel.open_stream(self.timeout)
         tunnel.send(
             protocol.RequestHead(
@@ -112,11 +114,32 @@ class PublicHandler(RequestHandler):
             ).encode()
         )
 
+    async def refuse(self, error: errors.StreamError) -> None:
+        """Answer a request refused at header time, at once.
+
+        When a modest body follows, the answer is sent whole but the exchange
+        ends only once that body has been read and dropped ("lingering
+        close"): a client that sends its whole body before reading would
+        otherwise get a connection reset instead of the answer. Nothing of it
+        is ever forwarded.
+        """
+        lingers = (
+            self.body_length == -1 or 0 < self.body_length <= LINGER_BYTES
+        ) and "Expect" not in self.request.headers
+        if not lingers:
+            self.fail(error)
+            return
+        self.error = error
+        self._write_error(error)
+        await self.flush()
+
     async def data_received(self, chunk: bytes) -> None:
         stream = self.stream
-        if stream is None or self._finished:
-            return
         self.body_received += len(chunk)
+        if stream is None or self._finished:
+            if not self._finished and self.body_received > LINGER_BYTES:
+                self._close_connection()  # refused, and too much body to drain
+            return
         if self.max_body_size and self.body_received > self.max_body_size:
             stream.reset(errors.BodyTooLarge(f"body exceeded {self.max_body_size} bytes"))
             self.fail(errors.BodyTooLarge(f"body exceeded {self.max_body_size} bytes"))
@@ -125,7 +148,10 @@ class PublicHandler(RequestHandler):
 
     async def relay(self, *args: str) -> None:
         stream = self.stream
-        if stream is None or self._finished:
+        if self._finished:
+            return
+        if stream is None:  # refused in prepare(); the answer went out, the body is drained
+            self.finish()
             return
         if self.body_length:
             stream.end_body()
@@ -171,18 +197,30 @@ class PublicHandler(RequestHandler):
                 self.stream and self.stream.id,
                 error.log_message,
             )
-            self.request.connection.close()  # type: ignore[union-attr]
-            self._finished = True
-            self.on_finish()
+            self._close_connection()
             return
+        self._write_error(error)
+        self.finish()
+
+    def _write_error(self, error: errors.StreamError) -> None:
         self.clear()
         self.set_status(error.status, error.reason if error.status == type(error).status else None)
+        body = (error.reason + "\n").encode()
         self.set_header("Content-Type", "text/plain; charset=utf-8")
-        self.finish(error.reason + "\n")
+        self.set_header("Content-Length", len(body))
+        self.write(body)
+
+    def _close_connection(self) -> None:
+        """End the exchange by closing the connection (the response is complete or void)."""
+        self.request.connection.close()  # type: ignore[union-attr]
+        self._finished = True
+        self.on_finish()
 
     def on_connection_close(self) -> None:
         if self.stream is not None and not self.stream.closed:
             self.stream.reset(errors.Cancelled("public caller went away"))
+        elif self.stream is None and self.error is not None and not self._finished:
+            self.on_finish()  # refused and answered; the caller left while we drained its body
 
     def on_finish(self) -> None:
         stream_id = self.stream.id if self.stream is not None else "-"
