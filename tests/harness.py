@@ -4,14 +4,15 @@ Every process (server, client, local app) is a real subprocess started with
 ``sys.executable``; a reader thread per pipe collects its output lines, and readiness
 is detected by waiting for a log line, never by sleeping. All timeouts live in
 ``Timeouts`` below. Use the fixtures in ``tests/conftest.py`` (they kill every process
-in teardown) rather than calling the ``start_*`` functions directly.
+in teardown) rather than constructing ``Server``/``Client``/``LocalApp`` directly.
 
 API (stable; ``tests/test_auth*.py`` imports it)::
 
     from harness import (
         TIMEOUTS, Proc, Server, Client, LocalApp, Response, ProcessPool,
         request, raw_request, stream_request, wait_until, rss_kib, peak_rss_kib,
-        pattern_chunks, pattern_sha256, json_lines, BACKSTREAM_CMD,
+        pattern_chunks, pattern_sha256, json_lines, parse_raw_response, run_cli,
+        BACKSTREAM_CMD,
     )
 
     pool = ProcessPool()                         # conftest: ``procs`` fixture
@@ -20,6 +21,7 @@ API (stable; ``tests/test_auth*.py`` imports it)::
     srv = pool.server(port=srv.port)             # restart on a known port
     cli = pool.client(srv, app, "-H", "Authorization: Bearer t")  # waits for "connected"
     cli = pool.client(srv, app.url + "/base", wait=False)          # do not wait
+    pool.add(Proc("name", [...argv...]))         # any other process, killed at close
     pool.close()                                 # kill everything (fixtures do this)
 
     resp = request(srv, "GET", "/path?q=1", headers=[("X-A", "1")], body=b"")
@@ -36,15 +38,18 @@ API (stable; ``tests/test_auth*.py`` imports it)::
         .alive(), .kill() (SIGKILL), .terminate() (SIGTERM), .wait_exit(timeout) -> rc
         .rss_kib() / .peak_rss_kib()   (VmRSS / VmHWM from /proc/PID/status)
 
-    Server: .port, .url ("http://127.0.0.1:PORT"), .args
-    Client: .server, .dest, .args
-    LocalApp: .port, .url
+    Server: .port, .url ("http://127.0.0.1:PORT"), .netloc ("127.0.0.1:PORT"), .args
+    Client: .server, .dest, .args, .wait_connected(n=1) (n-th "connected to server" line)
+    LocalApp: .port, .url, .netloc; its output has one ``hit METHOD "URI"`` line per
+        request and ``closed METHOD "URI"`` when a request was dropped unfinished.
 
     run_cli(*args, env=None, timeout=None) -> subprocess.CompletedProcess  (one-shot CLI)
 
 ``request`` uses ``http.client`` and sends the target, method and headers exactly as
 given (no ``Accept-Encoding`` added; ``Host`` added only when absent). ``raw_request``
-writes raw bytes to a socket and reads until EOF (for wire-level checks).
+writes raw bytes to a socket and reads until EOF (for wire-level checks; send
+``Connection: close``), ``parse_raw_response`` splits the result. ``stream_request``
+returns ``(conn, http.client.HTTPResponse)`` unread, for incremental reads.
 Environment: every ``BACKSTREAM_*`` variable of the test runner is removed from the
 children's environment; pass ``env=`` to set some.
 """
@@ -80,6 +85,7 @@ __all__ = [
     "Server",
     "json_lines",
     "pattern_chunks",
+    "parse_raw_response",
     "pattern_sha256",
     "peak_rss_kib",
     "raw_request",

@@ -87,3 +87,24 @@ def test_log_output_file(procs: ProcessPool, tmp_path: Path) -> None:
     wait_until(lambda: log.exists() and "listening url=" in log.read_text())
     assert srv.alive()
     assert not any("listening url=" in line for line in srv.lines)
+
+
+def test_complete_responses_not_logged_as_failures(procs: ProcessPool) -> None:
+    """A caller that closes as soon as it has read a whole Content-Length body got a
+    complete response: the server must not log it as a failed relay."""
+    app = procs.local_app()
+    srv = procs.server()
+    procs.client(srv, app)
+    mark = srv.mark()
+    for i in range(20):
+        # /download writes head and body separately, so the end of the stream can
+        # arrive at the server after the caller already has every byte
+        r = request(srv, "GET", f"/download?size=400&i={i}")
+        assert r.status == 200 and len(r.body) == 400
+    srv.wait_for_count(r"/download", 20, start=mark)
+    bad = [
+        line
+        for line in srv.lines[mark:]
+        if "error=" in line or "went away" in line or "failed" in line
+    ]
+    assert not bad, "\n".join(bad[:6])
