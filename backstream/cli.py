@@ -12,7 +12,7 @@ import asyncio
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any, NoReturn
 
 import configargparse
@@ -316,6 +316,19 @@ def client_config(args: argparse.Namespace) -> ClientConfig:
     )
 
 
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on uvloop when it is installed (BACKSTREAM_LOOP=asyncio opts out)."""
+    if os.environ.get("BACKSTREAM_LOOP", "auto") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -331,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             config = client_config(args)
             runner = run_client
         setup_logging(args.log_level, args.log_format, args.log_output)
-        asyncio.run(runner(config))
+        run_loop(runner(config))
     except ConfigError as e:
         print(f"backstream: error: {e}", file=sys.stderr)
         sys.exit(2)

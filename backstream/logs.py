@@ -33,8 +33,15 @@ _BEARER_RE = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
 MASK = "***"
 
 
+#: Cheap pre-check: a line without any of these words has nothing to mask.
+_TRIGGERS = ("auth", "cookie", "bearer", "basic")
+
+
 def mask_secrets(text: str) -> str:
     """Replace secret header values and bearer/basic credentials with ``***``."""
+    lowered = text.lower()
+    if not any(word in lowered for word in _TRIGGERS):
+        return text
     text = _SECRET_RE.sub(lambda m: m.group(1) + m.group(2) + MASK, text)
     return _BEARER_RE.sub(lambda m: m.group(1) + " " + MASK, text)
 

@@ -47,9 +47,9 @@ PROTOCOL_VERSION = 1
 CLIENT_HEADER = "Backstream-Client"
 
 #: Credit each side starts with for each stream and direction, in bytes.
-INITIAL_WINDOW = 256 * 1024
+INITIAL_WINDOW = 2 * 1024 * 1024
 #: Largest DATA payload a sender puts in one frame (must fit twice in a window).
-MAX_CHUNK = 64 * 1024
+MAX_CHUNK = 256 * 1024
 #: Largest frame payload a receiver accepts.
 MAX_FRAME = MAX_CHUNK + 256 * 1024
 #: A sender starts a new message once a batch reaches this size.

@@ -90,12 +90,18 @@ def test_a_batch_carries_frames_in_order(batch_frames: list[protocol.Frame]) -> 
 
 def test_batches_are_cut_near_batch_size() -> None:
     batch = protocol.Batch()
-    chunk = Data(1, b"x" * protocol.MAX_CHUNK).encode()
-    for _ in range(10):
+    chunk = Data(1, b"x" * 10_000).encode()
+    for _ in range(100):
         batch.add(chunk)
     messages = batch.messages()
     assert len(messages) > 1
     assert all(len(m) <= protocol.BATCH_SIZE for m in messages)
+    # A frame larger than a batch travels alone.
+    big = Data(1, b"y" * protocol.MAX_CHUNK).encode()
+    batch.add(chunk)
+    batch.add(big)
+    batch.add(chunk)
+    assert batch.messages() == [chunk, big, chunk]
 
 
 def test_body_bytes_are_raw_not_base64() -> None:

@@ -28,7 +28,7 @@ from .tunnel import TunnelHandler, Tunnels
 log = logging.getLogger("backstream.server")
 
 #: Tornado buffers no more than this per read; bodies stream past it.
-CHUNK_SIZE = 64 * 1024
+CHUNK_SIZE = 256 * 1024
 
 
 class _HasClientHeader(Matcher):
