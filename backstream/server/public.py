@@ -165,9 +165,12 @@ class PublicHandler(RequestHandler):
                 # (server-sent events, long polls), and Tornado must not
                 # rewrite the headers of a body-less response in finish().
                 await self.flush()
+            promised = _content_length(head.headers)
             while (data := await stream.read()) is not None:
                 self.write(data)
                 self.body_sent += len(data)
+                if self.body_sent == promised:
+                    break  # complete: finish now rather than wait for the end frame
                 if not stream.complete():  # the last piece goes out with finish()
                     await self.flush()
                 stream.consumed(len(data))
@@ -248,6 +251,14 @@ class PublicHandler(RequestHandler):
                 self.body_sent,
                 elapsed,
             )
+
+
+def _content_length(headers: list[tuple[str, str]]) -> int | None:
+    """The response's Content-Length, if it has one valid value."""
+    values = [v for n, v in headers if n.lower() == "content-length"]
+    if len(values) == 1 and values[0].strip().isdigit():
+        return int(values[0])
+    return None
 
 
 def _body_length(headers: httputil.HTTPHeaders) -> int:
