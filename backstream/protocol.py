@@ -12,7 +12,10 @@ Frame types (``S->C``: server to client):
 
 * ``REQUEST``  S->C  opens a stream: the public request head (JSON array).
 * ``RESPONSE`` C->S  the response head for a stream (JSON array).
-* ``DATA``     both  body bytes, raw; ``FLAG_END`` marks the last one.
+* ``DATA``     both  body bytes, raw; ``FLAG_END`` marks the last one. On a
+  WebSocket stream (a REQUEST with ``FLAG_UPGRADE`` answered 101) each DATA
+  is one whole message, ``FLAG_TEXT`` for text, and ``FLAG_END`` closes it
+  (payload: the close code, u16, and reason, if the closing side gave one).
 * ``WINDOW``   both  grants the peer more credit for DATA on a stream (u32).
 * ``RESET``    both  aborts one stream (u16 error code, UTF-8 message); the
   tunnel and every other stream carry on.
@@ -65,6 +68,10 @@ _U32 = struct.Struct("!I")
 _U16 = struct.Struct("!H")
 
 FLAG_END = 0x01
+#: On REQUEST: a WebSocket upgrade; the stream then carries messages, not a body.
+FLAG_UPGRADE = 0x02
+#: On DATA of a WebSocket stream: a text message (otherwise binary).
+FLAG_TEXT = 0x04
 
 Headers = list[tuple[str, str]]
 
@@ -102,6 +109,8 @@ class RequestHead:
     remote: str = ""
     scheme: str = "http"
     host: str = ""
+    #: A WebSocket upgrade: each DATA frame is then one whole message.
+    upgrade: bool = False
 
     TYPE: ClassVar[FrameType] = FrameType.REQUEST
 
@@ -115,7 +124,8 @@ class RequestHead:
             self.scheme,
             self.host,
         ]
-        return _head_frame(self.TYPE, 0, self.stream_id, payload)
+        flags = FLAG_UPGRADE if self.upgrade else 0
+        return _head_frame(self.TYPE, flags, self.stream_id, payload)
 
     @classmethod
     def decode_payload(cls, stream_id: int, flags: int, payload: bytes) -> RequestHead:
@@ -136,6 +146,7 @@ class RequestHead:
             remote,
             scheme,
             host,
+            bool(flags & FLAG_UPGRADE),
         )
 
 
@@ -175,16 +186,18 @@ class Data:
     stream_id: int
     data: bytes
     end_stream: bool = False
+    #: A text WebSocket message (WebSocket streams only).
+    text: bool = False
 
     TYPE: ClassVar[FrameType] = FrameType.DATA
 
     def encode(self) -> bytes:
-        flags = FLAG_END if self.end_stream else 0
+        flags = (FLAG_END if self.end_stream else 0) | (FLAG_TEXT if self.text else 0)
         return _HEADER.pack(self.TYPE, flags, self.stream_id, len(self.data)) + self.data
 
     @classmethod
     def decode_payload(cls, stream_id: int, flags: int, payload: bytes) -> Data:
-        return cls(stream_id, payload, bool(flags & FLAG_END))
+        return cls(stream_id, payload, bool(flags & FLAG_END), bool(flags & FLAG_TEXT))
 
 
 @dataclasses.dataclass(slots=True)
@@ -314,6 +327,21 @@ class Batch:
             messages.append(current[0] if len(current) == 1 else b"".join(current))
         self._parts = []
         return messages
+
+
+def close_payload(code: int | None, reason: str | None) -> bytes:
+    """The payload of the DATA frame that closes a WebSocket stream."""
+    if code is None or not 1000 <= code <= 4999:
+        return b""
+    return _U16.pack(code) + (reason or "").encode("utf-8")[:123]
+
+
+def parse_close(payload: bytes) -> tuple[int, str]:
+    """(code, reason) from a closing DATA payload; 1000 when none was given."""
+    if len(payload) < _U16.size:
+        return 1000, ""
+    (code,) = _U16.unpack_from(payload)
+    return code, payload[_U16.size :].decode("utf-8", "replace")
 
 
 def _head_frame(type_: FrameType, flags: int, stream_id: int, payload: list[Any]) -> bytes:

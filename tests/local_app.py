@@ -61,6 +61,7 @@ from typing import Any
 
 import tornado.iostream
 import tornado.web
+import tornado.websocket
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
@@ -400,6 +401,40 @@ class Reset(tornado.web.RequestHandler):
         self.finish({"reset": True})
 
 
+class WsEcho(tornado.websocket.WebSocketHandler):
+    """WebSocket echo: greets with the request line it saw, then echoes every message.
+
+    Subprotocols ``chat`` and ``superchat`` are accepted (the first one offered);
+    the text message ``close`` makes the app close with code 4001.
+    """
+
+    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
+        return next((p for p in subprotocols if p in ("chat", "superchat")), None)
+
+    def open(self) -> None:
+        _say(f'ws-open "{self.request.uri}"')
+        headers = [[k, v] for k, v in self.request.headers.get_all()]
+        self.write_message(json.dumps({"uri": self.request.uri, "headers": headers}))
+
+    def on_message(self, message: str | bytes) -> None:
+        if message == "close":
+            self.close(4001, "asked to close")
+            return
+        self.write_message(message, binary=isinstance(message, bytes))
+
+    def on_close(self) -> None:
+        _say(f'ws-closed "{self.request.uri}" code={self.close_code}')
+
+
+class WsRefuse(tornado.web.RequestHandler):
+    """A WebSocket endpoint that refuses every upgrade with 403 and a body."""
+
+    def get(self) -> None:
+        self.set_status(403)
+        self.set_header("X-Refused", "yes")
+        self.write("no websockets for you\n")
+
+
 def make_app() -> tornado.web.Application:
     return tornado.web.Application(
         [
@@ -419,6 +454,8 @@ def make_app() -> tornado.web.Application:
             (r"/nocontent", NoContent),
             (r"/notmodified", NotModified),
             (r"/hopheaders", HopHeaders),
+            (r"/ws/echo", WsEcho),
+            (r"/ws/refuse", WsRefuse),
             (r".*", Echo),
         ],
         compress_response=False,

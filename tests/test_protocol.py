@@ -29,6 +29,7 @@ request_heads = st.builds(
     st.text(max_size=40),
     st.sampled_from(["http", "https"]),
     st.text(max_size=40),
+    st.booleans(),
 )
 response_heads = st.builds(
     ResponseHead,
@@ -38,7 +39,9 @@ response_heads = st.builds(
     headers,
     st.booleans(),
 )
-data_frames = st.builds(Data, stream_ids, st.binary(max_size=protocol.MAX_CHUNK), st.booleans())
+data_frames = st.builds(
+    Data, stream_ids, st.binary(max_size=protocol.MAX_CHUNK), st.booleans(), st.booleans()
+)
 window_frames = st.builds(Window, stream_ids, st.integers(min_value=1, max_value=2**32 - 1))
 reset_frames = st.builds(
     Reset, stream_ids, st.integers(min_value=0, max_value=65535), st.text(max_size=100)
@@ -209,3 +212,11 @@ class TestFlowControl:
             receiver.receive(size)
             in_flight += size
             assert in_flight <= protocol.INITIAL_WINDOW
+
+
+def test_websocket_close_payload() -> None:
+    assert protocol.parse_close(protocol.close_payload(4001, "bye")) == (4001, "bye")
+    assert protocol.close_payload(None, None) == b""
+    assert protocol.close_payload(1005, "") == b"\x03\xed"
+    assert protocol.parse_close(b"") == (1000, "")
+    assert protocol.close_payload(99, "out of range") == b""

@@ -21,6 +21,7 @@ from ..config import ClientConfig
 from ..har import HarRecorder
 from .curl import UpstreamClient
 from .upstream import Exchange
+from .websocket import WebSocketExchange
 
 log = logging.getLogger("backstream.client")
 
@@ -60,7 +61,7 @@ class ClientTunnel:
         self.http_client = http_client
         self.har = har
         self.loop = asyncio.get_running_loop()
-        self.streams: dict[int, Exchange] = {}
+        self.streams: dict[int, Exchange | WebSocketExchange] = {}
         self.closed: asyncio.Future[str] = self.loop.create_future()
         self._batch = protocol.Batch()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -123,8 +124,12 @@ class ClientTunnel:
             raise errors.ProtocolError(f"unexpected {type(frame).__name__} from the server")
 
     def _start(self, head: protocol.RequestHead) -> None:
-        har = self.har.start(head, self.config) if self.har is not None else None
-        exchange = Exchange(self, head, self.config, har)
+        exchange: Exchange | WebSocketExchange
+        if head.upgrade:
+            exchange = WebSocketExchange(self, head, self.config)
+        else:
+            har = self.har.start(head, self.config) if self.har is not None else None
+            exchange = Exchange(self, head, self.config, har)
         self.streams[head.stream_id] = exchange
         task = asyncio.ensure_future(exchange.run(self.http_client))
         self._tasks.add(task)

@@ -22,6 +22,7 @@ from ..auth import create_authorizer
 from ..auth.none import NoAuth
 from ..config import ServerConfig
 from .gate import Gate
+from .passthrough import PassthroughHandler
 from .public import PublicHandler
 from .tunnel import TunnelHandler, Tunnels
 
@@ -48,6 +49,11 @@ def make_app(config: ServerConfig, tunnels: Tunnels, gate: Gate | None) -> Appli
     return Application(
         [
             Rule(_HasClientHeader(), TunnelHandler, {"tunnels": tunnels, "gate": gate}),
+            Rule(
+                _IsWebSocketUpgrade(),
+                PassthroughHandler,
+                {"tunnels": tunnels, "timeout": config.timeout, "gate": gate},
+            ),
             Rule(_Anything(), PublicHandler, public),
         ],
         websocket_ping_interval=config.ping_interval or None,
@@ -59,6 +65,12 @@ def make_app(config: ServerConfig, tunnels: Tunnels, gate: Gate | None) -> Appli
 
 def _no_tornado_access_log(handler: object) -> None:
     """``backstream.access`` logs each request once, with its stream id."""
+
+
+class _IsWebSocketUpgrade(Matcher):
+    def match(self, request: httputil.HTTPServerRequest) -> dict[str, object] | None:
+        upgrade = request.headers.get("Upgrade", "")
+        return {} if upgrade.lower() == "websocket" else None
 
 
 class _Anything(Matcher):

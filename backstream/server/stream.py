@@ -33,6 +33,10 @@ class ServerStream:
         "response",
         "timeout",
         "_chunks",
+        "_messages",
+        "upgrade",
+        "websocket",
+        "close_info",
         "_ended",
         "_error",
         "_waiter",
@@ -48,6 +52,12 @@ class ServerStream:
         self.response: ResponseHead | None = None
         self.timeout = timeout
         self._chunks: collections.deque[bytes] = collections.deque()
+        self._messages: collections.deque[protocol.Data] = collections.deque()
+        #: A WebSocket upgrade was requested; once answered 101 the stream carries messages.
+        self.upgrade = False
+        self.websocket = False
+        #: The local app's close code and reason, once its WebSocket closed.
+        self.close_info: tuple[int, str] = (1000, "")
         self._ended = False
         self._error: errors.StreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -60,6 +70,7 @@ class ServerStream:
         if self.response is not None:
             raise errors.ProtocolError(f"second RESPONSE on stream {self.id}")
         self.response = head
+        self.websocket = self.upgrade and head.status == 101
         self._ended = head.end_stream
         self._cancel_timer()
         self._wake()
@@ -70,7 +81,12 @@ class ServerStream:
         if self._ended:
             raise errors.ProtocolError(f"DATA after the end of stream {self.id}")
         self.recv_window.receive(len(frame.data))
-        if frame.data:
+        if self.websocket:
+            if frame.end_stream:
+                self.close_info = protocol.parse_close(frame.data)
+            else:
+                self._messages.append(frame)
+        elif frame.data:
             self._chunks.append(frame.data)
         self._ended = frame.end_stream
         self._wake()
@@ -139,6 +155,26 @@ class ServerStream:
         data = b"".join(self._chunks)
         self._chunks.clear()
         return data
+
+    async def read_message(self) -> protocol.Data | None:
+        """The next WebSocket message from the local app, or None once it closed."""
+        while not self._messages:
+            if self._error is not None:
+                raise self._error
+            if self._ended:
+                return None
+            await self._wait()
+        return self._messages.popleft()
+
+    async def send_message(self, data: bytes, text: bool) -> None:
+        """Send one WebSocket message to the local app, waiting for credit."""
+        if self.closed:
+            return
+        while not self.send_window.spend(len(data)):
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+        self.tunnel.send(protocol.Data(self.id, data, text=text).encode())
 
     def consumed(self, size: int) -> None:
         """``size`` response bytes reached the public caller: grant more credit."""

@@ -1,0 +1,172 @@
+"""One public WebSocket on the client: a WebSocket to the local app.
+
+The server forwards the public handshake as a REQUEST with the upgrade flag;
+this opens the same WebSocket to the local app (same path, headers and
+subprotocols) and answers 101 only if the app accepted, or else relays the
+app's refusal. Messages then flow both ways as DATA frames, paced by the
+stream's credit: a message from the app is read only when there is credit
+for it, and credit for the server's messages is granted once the app's
+socket has taken them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from tornado import httpclient, iostream
+from tornado.httputil import HTTPHeaders
+from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
+
+from .. import errors, protocol, relay
+from ..config import ClientConfig
+
+if TYPE_CHECKING:
+    from . import ClientTunnel
+
+log = logging.getLogger("backstream.client")
+
+#: Headers websocket_connect writes itself (or that belong to the public hop).
+_NOT_FORWARDED = {"host", "sec-websocket-protocol", "content-length"}
+
+
+class WebSocketExchange:
+    """Relays one WebSocket stream between the tunnel and the local app."""
+
+    def __init__(self, tunnel: ClientTunnel, head: protocol.RequestHead, config: ClientConfig):
+        self.tunnel = tunnel
+        self.head = head
+        self.id = head.stream_id
+        self.config = config
+        self.send_window = protocol.SendWindow()
+        self.recv_window = protocol.RecvWindow()
+        self.conn: WebSocketClientConnection | None = None
+        self.cancelled = False
+        self._credit: asyncio.Future[None] | None = None
+
+    def _url(self) -> str:
+        origin = self.config.dst_origin.replace("http", "ws", 1)
+        return origin + relay.upstream_target(self.config.dst_base_path, self.head.target)
+
+    async def run(self, http_client: Any = None) -> None:
+        head, config = self.head, self.config
+        headers = [(n, v) for n, v in head.headers if n.lower() not in _NOT_FORWARDED]
+        if config.preserve_host:
+            headers.append(("Host", head.host))
+        subprotocols = [
+            p.strip()
+            for n, v in head.headers
+            if n.lower() == "sec-websocket-protocol"
+            for p in v.split(",")
+            if p.strip()
+        ]
+        request = httpclient.HTTPRequest(
+            self._url(),
+            headers=_tornado_headers(headers),
+            connect_timeout=config.timeout,
+            request_timeout=config.timeout,
+        )
+        try:
+            conn = await websocket_connect(
+                request,
+                subprotocols=subprotocols or None,
+                max_message_size=protocol.MAX_FRAME,
+            )
+        except httpclient.HTTPClientError as e:
+            self._relay_refusal(e)
+            return
+        except (TimeoutError, OSError, iostream.StreamClosedError) as e:
+            error = errors.UpstreamUnreachable(f"local app websocket: {e}")
+            self.tunnel.send(protocol.Reset(self.id, error.reset_code, error.log_message).encode())
+            log.warning("stream=%d websocket %s failed: %s", self.id, head.target, e)
+            self.tunnel.forget(self.id)
+            return
+        if self.cancelled:
+            conn.close()
+            return
+        self.conn = conn
+        accepted = []
+        if conn.selected_subprotocol:
+            accepted.append(("Sec-WebSocket-Protocol", conn.selected_subprotocol))
+        self.tunnel.send(
+            protocol.ResponseHead(self.id, 101, "Switching Protocols", accepted).encode()
+        )
+        try:
+            await self._pump_from_app(conn)
+        finally:
+            self.tunnel.forget(self.id)
+
+    async def _pump_from_app(self, conn: WebSocketClientConnection) -> None:
+        while not self.cancelled:
+            message = await conn.read_message()
+            if self.cancelled:
+                return
+            if message is None:
+                payload = protocol.close_payload(conn.close_code, conn.close_reason)
+                self.tunnel.send(protocol.Data(self.id, payload, end_stream=True).encode())
+                return
+            text = isinstance(message, str)
+            data = message.encode("utf-8") if isinstance(message, str) else message
+            while not self.send_window.spend(len(data)):
+                self._credit = asyncio.get_running_loop().create_future()
+                await self._credit
+                if self.cancelled:
+                    return
+            self.tunnel.send(protocol.Data(self.id, data, text=text).encode())
+
+    def _relay_refusal(self, e: httpclient.HTTPClientError) -> None:
+        response = e.response
+        headers = relay.strip_hop_by_hop(response.headers.get_all()) if response else []
+        body = (response.body or b"")[: protocol.INITIAL_WINDOW] if response else b""
+        reason = response.reason if response else ""
+        self.tunnel.send(protocol.ResponseHead(self.id, e.code, reason or "", headers).encode())
+        self.tunnel.send(protocol.Data(self.id, body, end_stream=True).encode())
+        self.tunnel.forget(self.id)
+
+    # -- frames from the server -----------------------------------------------------
+
+    def on_request_data(self, frame: protocol.Data) -> None:
+        self.recv_window.receive(len(frame.data))
+        conn = self.conn
+        if conn is None:
+            return
+        if frame.end_stream:
+            conn.close(*protocol.parse_close(frame.data))
+            return
+        message: Any = frame.data.decode("utf-8", "replace") if frame.text else frame.data
+        size = len(frame.data)
+        try:
+            written = conn.write_message(message, binary=not frame.text)
+        except WebSocketClosedError:  # the app's socket is gone; read_message ends the stream
+            return
+        written.add_done_callback(lambda _: self._written(size))
+
+    def _written(self, size: int) -> None:
+        increment = self.recv_window.consume(size)
+        if increment and not self.cancelled:
+            self.tunnel.send(protocol.Window(self.id, increment).encode())
+
+    def on_window(self, increment: int) -> None:
+        self.send_window.grant(increment)
+        self._wake()
+
+    def cancel(self, why: str) -> None:
+        if self.cancelled:
+            return
+        self.cancelled = True
+        log.debug("stream=%d websocket cancelled: %s", self.id, why)
+        if self.conn is not None:
+            self.conn.close()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._credit is not None and not self._credit.done():
+            self._credit.set_result(None)
+
+
+def _tornado_headers(pairs: list[tuple[str, str]]) -> HTTPHeaders:
+    headers = HTTPHeaders()
+    for name, value in pairs:
+        headers.add(name, value)
+    return headers

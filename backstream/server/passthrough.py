@@ -1,0 +1,162 @@
+"""Public WebSockets, carried as a stream to the client and on to the local app.
+
+The upgrade is decided by the local app: the server forwards the handshake as
+a REQUEST with the upgrade flag, the client opens a WebSocket to the app, and
+only if the app accepted (101) does the server accept the public upgrade, with
+the subprotocol the app chose. A refusal (say 403 or 404) is passed back as is.
+Each message then travels as one DATA frame, under the same flow control as
+bodies: a slow reader on either side pauses the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from tornado.websocket import WebSocketClosedError, WebSocketHandler
+
+from .. import errors, protocol, relay
+from .gate import Gate
+from .stream import ServerStream
+from .tunnel import Tunnels
+
+log = logging.getLogger("backstream.server")
+access_log = logging.getLogger("backstream.access")
+
+#: Handshake headers each WebSocket connection makes for itself.
+HANDSHAKE_HEADERS = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions")
+
+
+class PassthroughHandler(WebSocketHandler):
+    stream: ServerStream | None = None
+    app_subprotocol: str | None = None
+    pump: asyncio.Task[None] | None = None
+
+    def initialize(self, tunnels: Tunnels, timeout: float, gate: Gate | None = None) -> None:
+        self.tunnels = tunnels
+        self.timeout = timeout
+        self.gate = gate
+
+    @property
+    def max_message_size(self) -> int:
+        return protocol.MAX_FRAME
+
+    def check_origin(self, origin: str) -> bool:
+        # The local app sees the Origin header and decides, as it would without a tunnel.
+        return True
+
+    async def prepare(self) -> None:
+        request = self.request
+        try:
+            if self.gate is not None:
+                await self.gate.check_public(request)
+            target = relay.origin_form(request.uri or "")
+            tunnel = self.tunnels.pick()
+            if tunnel is None:
+                raise errors.NoClient("no tunnel client connected")
+        except errors.StreamError as e:
+            self._answer(e.status, e.reason + "\n", e)
+            return
+        except ValueError as e:
+            self._answer(400, str(e) + "\n", errors.StreamError(str(e), status=400))
+            return
+        headers = relay.strip_hop_by_hop(request.headers.get_all(), drop=HANDSHAKE_HEADERS)
+        host = request.host or ""
+        headers = relay.add_forwarded(
+            headers, remote=request.remote_ip or "", scheme=request.protocol, host=host
+        )
+        self.stream = stream = tunnel.open_stream(self.timeout)
+        stream.upgrade = True
+        tunnel.send(
+            protocol.RequestHead(
+                stream.id,
+                request.method or "GET",
+                target,
+                headers,
+                0,
+                request.remote_ip or "",
+                request.protocol,
+                host,
+                upgrade=True,
+            ).encode()
+        )
+        try:
+            head = await stream.response_head()
+            if head.status != 101:
+                await self._relay_refusal(stream, head)
+                return
+        except errors.StreamError as e:
+            stream.close()
+            self._answer(e.status, e.reason + "\n", e)
+            return
+        for name, value in head.headers:
+            if name.lower() == "sec-websocket-protocol":
+                self.app_subprotocol = value.strip()
+
+    async def _relay_refusal(self, stream: ServerStream, head: protocol.ResponseHead) -> None:
+        """The local app did not upgrade: pass its answer back as it is."""
+        body = []
+        while (data := await stream.read()) is not None:
+            body.append(data)
+            stream.consumed(len(data))
+        stream.close()
+        self.set_status(head.status, head.reason or None)
+        for name, value in head.headers:
+            if name.lower() != "content-length":
+                self.add_header(name, value)
+        self.finish(b"".join(body))
+
+    def _answer(self, status: int, text: str, error: errors.StreamError) -> None:
+        access_log.info(
+            "WEBSOCKET %s status=%d error=%r", self.request.path, status, error.log_message
+        )
+        self.set_status(status, error.reason if status == type(error).status else None)
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.finish(text)
+
+    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
+        return self.app_subprotocol if self.app_subprotocol in subprotocols else None
+
+    def open(self, *args: str, **kwargs: str) -> None:
+        self.set_nodelay(True)
+        stream = self.stream
+        assert stream is not None
+        access_log.info("WEBSOCKET %s stream=%d status=101 open", self.request.path, stream.id)
+        self.pump = asyncio.ensure_future(self._pump_from_app(stream))
+
+    async def _pump_from_app(self, stream: ServerStream) -> None:
+        """Local app -> public caller, one message at a time (write() is the backpressure)."""
+        try:
+            while (frame := await stream.read_message()) is not None:
+                message: Any = frame.data.decode("utf-8", "replace") if frame.text else frame.data
+                await self.write_message(message, binary=not frame.text)
+                stream.consumed(len(frame.data))
+            code, reason = stream.close_info
+        except errors.StreamError as e:
+            code, reason = 1011, e.reason
+        except WebSocketClosedError:
+            return
+        self.close(code, reason)
+
+    async def on_message(self, message: str | bytes) -> None:
+        stream = self.stream
+        if stream is None:
+            return
+        data = message.encode("utf-8") if isinstance(message, str) else message
+        try:
+            await stream.send_message(data, text=isinstance(message, str))
+        except errors.StreamError:
+            self.close(1011, "tunnel lost")
+
+    def on_close(self) -> None:
+        stream = self.stream
+        if stream is None or stream.closed:
+            return
+        payload = protocol.close_payload(self.close_code, self.close_reason)
+        stream.tunnel.send(protocol.Data(stream.id, payload, end_stream=True).encode())
+        stream.fail(errors.Cancelled("public websocket closed"))  # wakes the pump
+        stream.close()
+        access_log.info(
+            "WEBSOCKET %s stream=%d closed code=%s", self.request.path, stream.id, self.close_code
+        )
