@@ -24,9 +24,6 @@ from .tunnel import Tunnels
 log = logging.getLogger("backstream.server")
 access_log = logging.getLogger("backstream.access")
 
-#: Handshake headers each WebSocket connection makes for itself.
-HANDSHAKE_HEADERS = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions")
-
 
 class PassthroughHandler(WebSocketHandler):
     stream: ServerStream | None = None
@@ -61,26 +58,7 @@ class PassthroughHandler(WebSocketHandler):
         except ValueError as e:
             self._answer(400, str(e) + "\n", errors.StreamError(str(e), status=400))
             return
-        headers = relay.strip_hop_by_hop(request.headers.get_all(), drop=HANDSHAKE_HEADERS)
-        host = request.host or ""
-        headers = relay.add_forwarded(
-            headers, remote=request.remote_ip or "", scheme=request.protocol, host=host
-        )
-        self.stream = stream = tunnel.open_stream(self.timeout)
-        stream.upgrade = True
-        tunnel.send(
-            protocol.RequestHead(
-                stream.id,
-                request.method or "GET",
-                target,
-                headers,
-                0,
-                request.remote_ip or "",
-                request.protocol,
-                host,
-                upgrade=True,
-            ).encode()
-        )
+        self.stream = stream = tunnel.relay_request(request, target, 0, self.timeout, upgrade=True)
         try:
             head = await stream.response_head()
             if head.status != 101:

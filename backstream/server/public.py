@@ -15,7 +15,7 @@ from typing import Any
 from tornado import httputil, iostream
 from tornado.web import RequestHandler, stream_request_body
 
-from .. import errors, protocol, relay
+from .. import errors, relay
 from .gate import Gate
 from .stream import ServerStream
 from .tunnel import Tunnels
@@ -95,24 +95,7 @@ class PublicHandler(RequestHandler):
         except ValueError as e:
             await self.refuse(errors.StreamError(str(e), status=400))
             return
-        headers = relay.strip_hop_by_hop(request.headers.get_all(), drop=("Expect",))
-        host = request.host or ""
-        headers = relay.add_forwarded(
-            headers, remote=request.remote_ip or "", scheme=request.protocol, host=host
-        )
-        self.stream = stream = tunnel.open_stream(self.timeout)
-        tunnel.send(
-            protocol.RequestHead(
-                stream.id,
-                request.method or "GET",
-                target,
-                headers,
-                body_length,
-                request.remote_ip or "",
-                request.protocol,
-                host,
-            ).encode()
-        )
+        self.stream = tunnel.relay_request(request, target, body_length, self.timeout)
 
     async def refuse(self, error: errors.StreamError) -> None:
         """Answer a request refused at header time, at once.

@@ -12,15 +12,19 @@ import asyncio
 import itertools
 import logging
 
+from tornado.httputil import HTTPServerRequest
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
-from .. import errors, protocol
+from .. import errors, protocol, relay
 from .gate import Gate
 from .stream import ServerStream
 
 log = logging.getLogger("backstream.server")
 
 _tunnel_ids = itertools.count(1)
+
+#: Handshake headers each WebSocket connection makes for itself.
+HANDSHAKE_HEADERS = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions")
 
 
 class Tunnel:
@@ -40,6 +44,40 @@ class Tunnel:
         self._next_stream_id = stream_id + 1 if stream_id < 0xFFFFFFFF else 1
         stream = ServerStream(self, stream_id, timeout)
         self.streams[stream_id] = stream
+        return stream
+
+    def relay_request(
+        self,
+        request: HTTPServerRequest,
+        target: str,
+        body_length: int,
+        timeout: float,
+        *,
+        upgrade: bool = False,
+    ) -> ServerStream:
+        """Open a stream for a public request and send its head to the client."""
+        # Tornado answered any Expect itself; a WebSocket's handshake headers are
+        # made anew by the client's own connection to the local app.
+        drop = HANDSHAKE_HEADERS if upgrade else ("Expect",)
+        headers = relay.strip_hop_by_hop(request.headers.get_all(), drop=drop)
+        remote, host = request.remote_ip or "", request.host or ""
+        headers = relay.add_forwarded(headers, remote=remote, scheme=request.protocol, host=host)
+        stream = self.open_stream(timeout)
+        stream.upgrade = upgrade
+        method = request.method or "GET"
+        self.send(
+            protocol.RequestHead(
+                stream.id,
+                method,
+                target,
+                headers,
+                body_length,
+                remote,
+                request.protocol,
+                host,
+                upgrade,
+            ).encode()
+        )
         return stream
 
     def forget(self, stream_id: int) -> None:
