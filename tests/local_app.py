@@ -40,6 +40,11 @@ Endpoints (every request whose path does not start with ``/__`` counts as a hit)
 ``GET /hopheaders``        a response carrying hop-by-hop headers (``Connection:
                            X-Resp-Hop``, ``X-Resp-Hop``, ``Keep-Alive``,
                            ``Proxy-Authenticate``, ``Trailer``) plus ``X-End-To-End``.
+``GET /ws/echo`` (WebSocket) greets with JSON ``{"uri", "headers"}``, then echoes every
+                           message with its type; subprotocols ``chat``/``superchat``;
+                           the text ``close`` closes with 4001; prints ``ws-open "URI"`` and
+                           ``ws-closed "URI" code=N``.
+``GET /ws/refuse``         refuses the upgrade with 403 and ``X-Refused: yes``.
 ``GET /__hits``            JSON ``{"hits": N}``: requests seen (excluding ``/__*``).
 ``GET /__stats``           JSON: hits, slow in-flight and max in-flight, bytes written by
                            downloads so far, drip states, closed (aborted) count.
