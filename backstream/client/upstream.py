@@ -38,8 +38,8 @@ log = logging.getLogger("backstream.client")
 
 #: Headers libcurl would add on its own; an empty ``Name:`` line suppresses them.
 _CURL_DEFAULTS = ("Accept", "User-Agent", "Expect", "Pragma", "Content-Type")
-#: The transfer itself decides these.
-_NOT_FORWARDED = ("host", "content-length", "transfer-encoding", "expect")
+#: The transfer itself decides these (Content-Length too, when there is a body).
+_NOT_FORWARDED = ("host", "transfer-encoding", "expect")
 #: libcurl errors that mean "the local app could not be reached or broke off".
 _TIMEOUTS = {pycurl.E_OPERATION_TIMEDOUT}
 
@@ -53,7 +53,7 @@ def curl_header_lines(
     for name, value in headers:
         key = name.lower()
         present.add(key)
-        if key in _NOT_FORWARDED:
+        if key in _NOT_FORWARDED or (key == "content-length" and body_length != 0):
             continue
         # "Name:" would remove the header in libcurl; "Name;" sends it empty.
         line = f"{name}: {value}" if value else f"{name};"
@@ -106,15 +106,13 @@ class Exchange:
         config = self.config
         self.http_client = http_client
         timer = self.tunnel.loop.call_later(config.timeout, self._on_timeout)
+        # UpstreamClient sets up the transfer itself: libcurl's defaults (no
+        # redirects, no decompression, certificate checks, no total timeout: the
+        # head has --timeout, a body may stream for ever) plus _prepare_curl.
         self.request = request = HTTPRequest(
             config.dst_origin + "/",
             method=self.head.method,
-            follow_redirects=False,
-            decompress_response=False,
-            allow_nonstandard_methods=True,
             connect_timeout=config.timeout,
-            request_timeout=0,  # the head has --timeout; a body may stream for ever
-            validate_cert=True,
             prepare_curl_callback=self._prepare_curl,
         )
         try:
