@@ -57,13 +57,30 @@ class MaskingFilter(logging.Filter):
         return True
 
 
+class _SecondCache:
+    """One strftime per second instead of one per line: the access log is on the hot path."""
+
+    def __init__(self, fmt: str, convert: Any) -> None:
+        self.fmt, self.convert = fmt, convert
+        self.second, self.text = -1, ""
+
+    def __call__(self, created: float) -> str:
+        second = int(created)
+        if second != self.second:
+            self.second, self.text = second, time.strftime(self.fmt, self.convert(second))
+        return self.text
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ``time``, ``level``, ``logger``, ``msg``."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._stamp = _SecondCache("%Y-%m-%dT%H:%M:%S", time.gmtime)
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": f"{self._stamp(record.created)}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -76,6 +93,10 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        self._stamp = _SecondCache("%Y-%m-%d %H:%M:%S", time.localtime)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        return f"{self._stamp(record.created)},{int(record.msecs):03d}"
 
     def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
         return mask_secrets(super().formatException(ei))
@@ -103,6 +124,11 @@ def setup_logging(level: str = "info", fmt: str = "text", output: str = "stderr"
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # No caller, thread or process lookups per record (logging HOWTO, "Optimization").
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     # Tornado's access log duplicates ours; its other loggers stay useful.
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
     if level != "debug":

@@ -76,9 +76,6 @@ class PublicHandler(RequestHandler):
 
     async def prepare(self) -> None:
         request = self.request
-        # The head and the body go out as separate writes: without this,
-        # Nagle's algorithm holds the body for the caller's delayed ACK (40 ms).
-        request.connection.stream.set_nodelay(True)  # type: ignore[union-attr]
         self.body_length = body_length = _body_length(request.headers)
         try:
             if self.gate is not None:
