@@ -121,7 +121,6 @@ class PublicHandler(RequestHandler):
                 self._close_connection()  # refused, and too much body to drain
             return
         if self.max_body_size and self.body_received > self.max_body_size:
-            stream.reset(errors.BodyTooLarge(f"body exceeded {self.max_body_size} bytes"))
             self.fail(errors.BodyTooLarge(f"body exceeded {self.max_body_size} bytes"))
             return
         await stream.send_body(chunk)
