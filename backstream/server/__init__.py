@@ -10,11 +10,9 @@ import asyncio
 import logging
 import signal
 import socket
-from typing import Any
 
 from tornado import httputil
 from tornado.httpserver import HTTPServer
-from tornado.iostream import IOStream
 from tornado.netutil import bind_sockets
 from tornado.routing import Matcher, Rule
 from tornado.web import Application
@@ -37,14 +35,6 @@ CHUNK_SIZE = 256 * 1024
 class _HasClientHeader(Matcher):
     def match(self, request: httputil.HTTPServerRequest) -> dict[str, object] | None:
         return {} if protocol.CLIENT_HEADER in request.headers else None
-
-
-class _Server(HTTPServer):
-    def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
-        # Heads and bodies often go out as separate writes: without this, Nagle's
-        # algorithm holds the second one for the caller's delayed ACK (40 ms).
-        stream.set_nodelay(True)
-        super().handle_stream(stream, address)
 
 
 def make_app(config: ServerConfig, tunnels: Tunnels, gate: Gate | None) -> Application:
@@ -98,7 +88,7 @@ async def run_server(config: ServerConfig) -> None:
         await gate.warn_missing()
     tunnels = Tunnels()
     app = make_app(config, tunnels, gate)
-    server = _Server(
+    server = HTTPServer(
         app,
         chunk_size=CHUNK_SIZE,
         # Bodies are streamed, never held: the limit is ours (413), not Tornado's.
