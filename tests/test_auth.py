@@ -247,6 +247,22 @@ class TestRegoRuntime(RegoBackend):
         self.assertIsNot(authorizer.policy_set.cache, cache)
 
     @gen_test
+    async def test_cache_key_is_only_what_the_policy_reads(self) -> None:
+        self.write("client.rego", CLIENT_TOKEN)  # reads input.header only
+        authorizer = await self.start()
+        assert isinstance(authorizer, RegoAuthorizer)
+        self.assertEqual(authorizer.policy_set.key_fields, ("header",))
+        cache = authorizer.policy_set.cache
+        assert cache is not None
+        for i in range(3):  # unique paths and queries: one evaluation
+            input = request(path=f"/p{i}", headers=[("Authorization", "Bearer s3cret")])
+            self.assertTrue((await self.decide(CLIENT_PACKAGE, input)).allowed)
+        self.assertEqual((cache.misses, cache.hits), (1, 2))
+        wrong = request(path="/p0", headers=[("Authorization", "Bearer nope")])
+        self.assertFalse((await self.decide(CLIENT_PACKAGE, wrong)).allowed)
+        self.assertEqual(cache.misses, 2)
+
+    @gen_test
     async def test_time_dependent_policies_are_not_cached(self) -> None:
         self.write("t.rego", "package auth.client\nimport rego.v1\nallow if time.now_ns() > 0\n")
         authorizer = await self.start()

@@ -14,6 +14,7 @@ from backstream.auth.regosource import (
     describe_engine_error,
     deterministic,
     function_calls,
+    input_fields,
     parse_module,
     strip_comments_and_strings,
     unavailable_calls,
@@ -75,6 +76,25 @@ def test_unavailable_calls() -> None:
 def test_deterministic() -> None:
     assert deterministic([parse_module("a", "package a\nx := count([1])\n")])
     assert not deterministic([parse_module("a", "package a\nx := time.now_ns()\n")])
+
+
+def test_input_fields_are_what_the_policies_read() -> None:
+    def fields(*texts: str) -> frozenset[str] | None:
+        return input_fields([parse_module(f"{i}.rego", t) for i, t in enumerate(texts)])
+
+    server = (
+        "package auth.server\n"
+        'allow if {\n  input.method == "GET"\n  startswith(input.path, "/w")\n}\n'
+    )
+    client = 'package auth.client\nallow if input.header.Authorization == "x" # input[k]\n'
+    assert fields(server, client) == {"method", "path", "header"}
+    assert fields('package a\nx := "input[1] in a string"\n') == frozenset()
+    assert fields("package a\nallow if data.input.x\n") == frozenset()
+    # Whole-input uses: any field may matter.
+    assert fields("package a\nallow if input[k] == 1\n") is None
+    assert fields("package a\nimport input\nallow if input.x\n") is None
+    assert fields("package a\nallow if walk(input, [p, v])\n") is None
+    assert fields(server, 'package b\nx := object.get(input, "y", 1)\n') is None
 
 
 def test_describe_engine_error() -> None:

@@ -5,8 +5,9 @@ every tunnel if it ran on the IOLoop. regopy calls into C++ through ctypes,
 which releases the GIL, so a small thread pool with one compiled ``Program``
 per thread runs evaluations in parallel with the loop (measured: 2 workers on
 2 cores double the rate of one). In front of the pool, a bounded LRU cache
-keyed on the exact input answers repeated requests (a client retrying, a
-dashboard polling) on the loop in microseconds; it is only enabled when the
+keyed on the input fields the policies read (``input_fields``: a webhook
+policy that looks at method and path is not defeated by unique query strings)
+answers repeated requests on the loop in microseconds; it is only enabled when the
 policies use no time-dependent or effectful builtins (``time.now_ns``,
 ``io.jwt.decode_verify``, ``http.send``, ...), and a reload starts a new one.
 
@@ -31,7 +32,13 @@ from typing import Any
 
 from backstream.auth import PACKAGES, Authorizer, Decision, decision_from_document
 from backstream.auth.regoengine import Evaluation, Program, validate
-from backstream.auth.regosource import RegoFile, deterministic, fingerprint, read_policy_files
+from backstream.auth.regosource import (
+    RegoFile,
+    deterministic,
+    fingerprint,
+    input_fields,
+    read_policy_files,
+)
 from backstream.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -77,6 +84,8 @@ class PolicySet:
     files: tuple[RegoFile, ...]
     generation: int
     cache: DecisionCache | None
+    #: The input fields the policies read (the cache key), None for all of them.
+    key_fields: tuple[str, ...] | None = None
 
     @property
     def packages(self) -> frozenset[str]:
@@ -126,15 +135,20 @@ class RegoAuthorizer(Authorizer):
         files = read_policy_files(self.paths)
         validate(files, PACKAGES)
         cacheable = self.cache_size > 0 and deterministic(files)
+        fields = input_fields(files)
         policy_set = PolicySet(
-            files, next(_generations), DecisionCache(self.cache_size) if cacheable else None
+            files,
+            next(_generations),
+            DecisionCache(self.cache_size) if cacheable else None,
+            None if fields is None else tuple(sorted(fields)),
         )
         log.info(
-            "policies loaded generation=%d files=%d packages=%s cache=%s",
+            "policies loaded generation=%d files=%d packages=%s cache=%s input=%s",
             policy_set.generation,
             len(files),
             ",".join(sorted(policy_set.packages)),
             "on" if cacheable else "off (time-dependent builtins)",
+            "all" if fields is None else ",".join(sorted(fields)) or "none",
         )
         return policy_set
 
@@ -154,10 +168,12 @@ class RegoAuthorizer(Authorizer):
         policy_set = self._set
         try:
             input_json = json.dumps(input, sort_keys=True, separators=(",", ":"))
+            fields = policy_set.key_fields
+            read = input_json if fields is None else json.dumps([input.get(f) for f in fields])
         except (TypeError, ValueError) as exc:
             return Decision(False, error=f"input is not JSON-encodable: {exc}")
         cache = policy_set.cache
-        key = (package, input_json)
+        key = (package, read)
         if cache is not None and (cached := cache.get(key)) is not None:
             return cached
         try:

@@ -205,6 +205,26 @@ def deterministic(files: Iterable[RegoFile]) -> bool:
     return not any(name in NONDETERMINISTIC for f in files for name, _ in function_calls(f.text))
 
 
+_INPUT = re.compile(r"(?<![\w.])input\b(\.([A-Za-z_]\w*))?")
+
+
+def input_fields(files: Iterable[RegoFile]) -> frozenset[str] | None:
+    """The top-level input fields the policies read, or None if they may read any.
+
+    A decision depends on nothing else of the input, so a cache keyed on these
+    fields alone stays exact while it stops missing on, say, a unique query
+    string that no rule looks at. ``input`` used whole (``input[k]``,
+    ``import input``, ``walk(input)``, ``with input as``) means any field.
+    """
+    fields: set[str] = set()
+    for f in files:
+        for match in _INPUT.finditer(strip_comments_and_strings(f.text)):
+            if match.group(2) is None:
+                return None
+            fields.add(match.group(2))
+    return frozenset(fields)
+
+
 _ERROR = re.compile(r"\(error (\d+):")
 _POSITION = re.compile(r"\|(\d+)\|(\d+)")
 _MESSAGE = re.compile(r"\(errormsg (\d+):")
