@@ -253,9 +253,9 @@ def build_parser() -> Any:
     client.add_argument(
         "--max-concurrency",
         type=int,
-        default=512,
+        default=256,
         env_var="BACKSTREAM_MAX_CONCURRENCY",
-        help="concurrent requests to the local app (default: 512)",
+        help="concurrent requests to the local app (default: 256)",
     )
     client.add_argument(
         "--max-backoff",

@@ -66,8 +66,8 @@ class ClientConfig:
     ping_interval: float = 20.0
     #: Seconds without a pong before the tunnel is declared dead (default 20).
     ping_timeout: float = 20.0
-    #: Concurrent requests to the local app (default 512).
-    max_concurrency: int = 512
+    #: Concurrent requests to the local app (default 256; each costs a curl handle).
+    max_concurrency: int = 256
     #: Longest pause between reconnection attempts, in seconds (default 30).
     max_backoff: float = 30.0
 

@@ -192,8 +192,12 @@ class Data:
     TYPE: ClassVar[FrameType] = FrameType.DATA
 
     def encode(self) -> bytes:
+        return b"".join(self.parts())
+
+    def parts(self) -> tuple[bytes, bytes]:
+        """Header and payload apart, so that a batch copies the payload only once."""
         flags = (FLAG_END if self.end_stream else 0) | (FLAG_TEXT if self.text else 0)
-        return _HEADER.pack(self.TYPE, flags, self.stream_id, len(self.data)) + self.data
+        return _HEADER.pack(self.TYPE, flags, self.stream_id, len(self.data)), self.data
 
     @classmethod
     def decode_payload(cls, stream_id: int, flags: int, payload: bytes) -> Data:
@@ -301,31 +305,33 @@ class Batch:
     produced, instead of one per frame.
     """
 
-    __slots__ = ("_parts",)
+    __slots__ = ("_frames",)
 
     def __init__(self) -> None:
-        self._parts: list[bytes] = []
+        self._frames: list[tuple[bytes, ...]] = []
 
     def __bool__(self) -> bool:
-        return bool(self._parts)
+        return bool(self._frames)
 
-    def add(self, frame: bytes) -> None:
-        self._parts.append(frame)
+    def add(self, *parts: bytes) -> None:
+        """Queue one frame, given whole or as pieces (``Data.parts()``)."""
+        self._frames.append(parts)
 
     def messages(self) -> list[bytes]:
         """Take everything queued, as messages ready to send."""
         messages: list[bytes] = []
         current: list[bytes] = []
         size = 0
-        for part in self._parts:
-            if current and size + len(part) > BATCH_SIZE:
+        for frame in self._frames:
+            length = sum(len(part) for part in frame)
+            if current and size + length > BATCH_SIZE:
                 messages.append(b"".join(current))
                 current, size = [], 0
-            current.append(part)
-            size += len(part)
+            current.extend(frame)
+            size += length
         if current:
             messages.append(current[0] if len(current) == 1 else b"".join(current))
-        self._parts = []
+        self._frames = []
         return messages
 
 

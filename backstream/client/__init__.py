@@ -66,11 +66,11 @@ class ClientTunnel:
         self._batch = protocol.Batch()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def send(self, frame: bytes) -> None:
+    def send(self, *frame: bytes) -> None:
         """Queue a frame; frames go out in order from the IOLoop, not from curl callbacks."""
         if not self._batch:
             self.loop.call_soon(self._flush)
-        self._batch.add(frame)
+        self._batch.add(*frame)
 
     def _flush(self) -> None:
         messages = self._batch.messages()

@@ -235,7 +235,7 @@ class Exchange:
             self.write_paused = True
             return pycurl.WRITEFUNC_PAUSE  # type: ignore[no-any-return]
         self.bytes_out += len(chunk)
-        self.tunnel.send(protocol.Data(self.id, chunk).encode())
+        self.tunnel.send(*protocol.Data(self.id, chunk).parts())
         if self.har is not None:
             self.har.response_body(chunk)
         return None

@@ -74,10 +74,10 @@ class PassthroughHandler(WebSocketHandler):
 
     async def _relay_refusal(self, stream: ServerStream, head: protocol.ResponseHead) -> None:
         """The local app did not upgrade: pass its answer back as it is."""
-        body = []
-        while (data := await stream.read()) is not None:
-            body.append(data)
-            stream.consumed(len(data))
+        body: list[bytes] = []
+        while (chunks := await stream.read()) is not None:
+            body.extend(chunks)
+            stream.consumed(sum(len(chunk) for chunk in chunks))
         stream.close()
         self.set_status(head.status, head.reason or None)
         for name, value in head.headers:

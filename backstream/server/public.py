@@ -149,14 +149,17 @@ class PublicHandler(RequestHandler):
                 # rewrite the headers of a body-less response in finish().
                 await self.flush()
             promised = _content_length(head.headers)
-            while (data := await stream.read()) is not None:
-                self.write(data)
-                self.body_sent += len(data)
+            while (chunks := await stream.read()) is not None:
+                size = 0
+                for chunk in chunks:  # flush() joins them: one copy, not two
+                    self.write(chunk)
+                    size += len(chunk)
+                self.body_sent += size
                 if self.body_sent == promised:
                     break  # complete: finish now rather than wait for the end frame
                 if not stream.complete():  # the last piece goes out with finish()
                     await self.flush()
-                stream.consumed(len(data))
+                stream.consumed(size)
         except errors.StreamError as e:
             self.fail(e)
             return

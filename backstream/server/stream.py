@@ -124,7 +124,8 @@ class ServerStream:
                 await self._wait()
                 continue
             self.send_window.spend(size)
-            self.tunnel.send(protocol.Data(self.id, bytes(view[:size])).encode())
+            piece = chunk if size == len(chunk) else bytes(view[:size])
+            self.tunnel.send(*protocol.Data(self.id, piece).parts())
             view = view[size:]
 
     def end_body(self) -> None:
@@ -142,19 +143,17 @@ class ServerStream:
         """Whether the rest of the response body has arrived (nothing more to wait for)."""
         return self._ended and self._error is None
 
-    async def read(self) -> bytes | None:
-        """The next response bytes (all that are queued), or None at the end."""
+    async def read(self) -> list[bytes] | None:
+        """The response chunks queued so far (at least one), or None at the end."""
         while not self._chunks:
             if self._error is not None:
                 raise self._error
             if self._ended:
                 return None
             await self._wait()
-        if len(self._chunks) == 1:
-            return self._chunks.popleft()
-        data = b"".join(self._chunks)
+        chunks = list(self._chunks)
         self._chunks.clear()
-        return data
+        return chunks
 
     async def read_message(self) -> protocol.Data | None:
         """The next WebSocket message from the local app, or None once it closed."""

@@ -83,13 +83,13 @@ class Tunnel:
     def forget(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)
 
-    def send(self, frame: bytes) -> None:
+    def send(self, *frame: bytes) -> None:
         """Queue a frame; everything queued in one loop turn leaves as one message."""
         if not self.open:
             return
         if not self._batch:
             asyncio.get_running_loop().call_soon(self._flush)
-        self._batch.add(frame)
+        self._batch.add(*frame)
 
     def _flush(self) -> None:
         messages = self._batch.messages()
