@@ -53,8 +53,10 @@ CLIENT_HEADER = "Backstream-Client"
 INITIAL_WINDOW = 2 * 1024 * 1024
 #: Largest DATA payload a sender puts in one frame (must fit twice in a window).
 MAX_CHUNK = 256 * 1024
+#: Largest WebSocket message relayed (one DATA frame; half a window, so it always fits).
+MAX_WEBSOCKET_MESSAGE = INITIAL_WINDOW // 2
 #: Largest frame payload a receiver accepts.
-MAX_FRAME = MAX_CHUNK + 256 * 1024
+MAX_FRAME = MAX_WEBSOCKET_MESSAGE + 64 * 1024
 #: A sender starts a new message once a batch reaches this size.
 BATCH_SIZE = 256 * 1024
 #: Largest message a receiver accepts: a full batch plus one largest frame.

@@ -15,6 +15,8 @@ from harness import TIMEOUTS, pattern_chunks, request
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
+from backstream import protocol
+
 pytestmark = pytest.mark.timeout(90)
 
 
@@ -48,10 +50,9 @@ def test_thousand_messages_keep_their_order(tunnel: Tunnel) -> None:
     assert run(go) == expected
 
 
-def test_8mib_binary_message_intact(tunnel: Tunnel) -> None:
-    """Tornado's own default limit is 10 MiB per message; the tunnel should not be
-    stricter than the app it fronts (or it must document and signal it)."""
-    data = b"".join(pattern_chunks(8 * 1024 * 1024 + 3))
+def test_1mib_binary_message_intact(tunnel: Tunnel) -> None:
+    """The documented limit per message (protocol.MAX_WEBSOCKET_MESSAGE) passes whole."""
+    data = b"".join(pattern_chunks(protocol.MAX_WEBSOCKET_MESSAGE))
 
     async def go() -> Any:
         conn = await connect(tunnel, "/ws/echo?big=1")
@@ -61,6 +62,19 @@ def test_8mib_binary_message_intact(tunnel: Tunnel) -> None:
         return echoed
 
     assert run(go) == data
+
+
+def test_message_over_the_limit_is_refused_clearly(tunnel: Tunnel) -> None:
+    """Larger messages are not silently cut: the WebSocket closes with 1009."""
+    data = b"x" * (protocol.MAX_WEBSOCKET_MESSAGE + 1)
+
+    async def go() -> tuple[Any, int | None]:
+        conn = await connect(tunnel, "/ws/echo?too-big=1")
+        await conn.write_message(data, binary=True)
+        message = await conn.read_message()
+        return message, conn.close_code
+
+    assert run(go) == (None, 1009)
 
 
 def test_caller_close_reaches_the_app(tunnel: Tunnel) -> None:

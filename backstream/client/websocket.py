@@ -71,7 +71,7 @@ class WebSocketExchange:
             conn = await websocket_connect(
                 request,
                 subprotocols=subprotocols or None,
-                max_message_size=protocol.MAX_FRAME,
+                max_message_size=protocol.MAX_WEBSOCKET_MESSAGE,
             )
         except httpclient.HTTPClientError as e:
             self._relay_refusal(e)

@@ -5,7 +5,10 @@ a REQUEST with the upgrade flag, the client opens a WebSocket to the app, and
 only if the app accepted (101) does the server accept the public upgrade, with
 the subprotocol the app chose. A refusal (say 403 or 404) is passed back as is.
 Each message then travels as one DATA frame, under the same flow control as
-bodies: a slow reader on either side pauses the other.
+bodies: a slow reader on either side pauses the other. A message larger than
+``MAX_WEBSOCKET_MESSAGE`` (1 MiB) closes the WebSocket with 1009 "message too
+big" on the side that received it; splitting messages across frames would
+lift that limit, at the price of holding whole messages on both sides.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ class PassthroughHandler(WebSocketHandler):
 
     @property
     def max_message_size(self) -> int:
-        return protocol.MAX_FRAME
+        return protocol.MAX_WEBSOCKET_MESSAGE
 
     def check_origin(self, origin: str) -> bool:
         # The local app sees the Origin header and decides, as it would without a tunnel.
