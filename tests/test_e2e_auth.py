@@ -552,7 +552,7 @@ def test_tokens_never_logged_at_debug(procs: ProcessPool, backend: str, client_p
     for proc in (gw.server, gw.client, wrong):  # stopped, so that every line is in
         proc.terminate()
         proc.wait_exit()
-    # The visitor's headers did pass through a logged path (curl's debug trace), masked.
+    # The visitor's headers did pass through a logged path (the client's debug line), masked.
     assert gw.client.count(r"Authorization: \*\*\*") >= 1, gw.client.output()
     for proc in (gw.server, gw.client, wrong):
         for secret in (TOKEN, WRONG_TOKEN, VISITOR_TOKEN):

@@ -104,6 +104,11 @@ class Exchange:
 
     async def run(self, http_client: UpstreamClient) -> None:
         config = self.config
+        if log.isEnabledFor(logging.DEBUG):
+            shown = "; ".join(f"{n}: {v}" for n, v in relay.mask_headers(self.head.headers))
+            log.debug(
+                "stream=%d %s %s headers: %s", self.id, self.head.method, self.head.target, shown
+            )
         self.http_client = http_client
         timer = self.tunnel.loop.call_later(config.timeout, self._on_timeout)
         # UpstreamClient sets up the transfer itself: libcurl's defaults (no
