@@ -349,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"backstream: error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:
-        print(f"backstream: error: {e}", file=sys.stderr)
+        print(f"backstream: error: {e.strerror or e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         pass

@@ -95,7 +95,12 @@ async def run_server(config: ServerConfig) -> None:
         max_body_size=config.max_body_size or 1 << 62,
         idle_connection_timeout=3600,
     )
-    sockets = bind_sockets(config.port, config.host, backlog=1024)
+    try:
+        sockets = bind_sockets(config.port, config.host, backlog=1024)
+    except OSError as e:
+        raise OSError(
+            e.errno, f"cannot listen on {config.host}:{config.port}: {e.strerror}"
+        ) from None
     server.add_sockets(sockets)
     for sock in sockets:
         host, port = sock.getsockname()[:2]
