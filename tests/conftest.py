@@ -18,6 +18,7 @@ On failure, the output of every process of the test is appended to the report.
 
 from __future__ import annotations
 
+import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -86,3 +87,14 @@ def tunnel(module_procs: ProcessPool) -> Tunnel:
     srv = module_procs.server()
     cli = module_procs.client(srv, app)
     return Tunnel(srv, cli, app)
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A port that refuses connections: bound but never listening, held for the test."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    try:
+        yield s.getsockname()[1]
+    finally:
+        s.close()

@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,17 +175,6 @@ def client_policy(tmp_path: Path) -> str:
     path.parent.mkdir()
     path.write_text(CLIENT_POLICY, encoding="utf-8")
     return str(path)
-
-
-@pytest.fixture
-def closed_port() -> Iterator[int]:
-    """A port that refuses connections: bound but never listening, held for the test."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    try:
-        yield s.getsockname()[1]
-    finally:
-        s.close()
 
 
 def headers_only(srv: Server, method: str, path: str, length: int) -> Response:

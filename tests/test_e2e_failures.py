@@ -9,7 +9,6 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 from harness import (
@@ -32,17 +31,6 @@ def assert_error(r: Response, status: int) -> None:
     assert (r.header("Content-Type") or "").startswith("text/plain"), r.headers
     assert 0 < len(r.body) < 300, r.body
     assert b"Traceback" not in r.body
-
-
-@pytest.fixture
-def closed_port() -> Iterator[int]:
-    """A port that refuses connections: bound but never listening, held for the test."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    try:
-        yield s.getsockname()[1]
-    finally:
-        s.close()
 
 
 # -- no client / app down / app slow -------------------------------------------------------
