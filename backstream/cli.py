@@ -52,6 +52,12 @@ def _positive(text: str) -> float:
     return value
 
 
+def _at_least_one(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1: {text!r}")
+    return int(text)
+
+
 def _status(text: str) -> int:
     if not text.isdigit() or not 100 <= int(text) <= 999:
         raise argparse.ArgumentTypeError(f"invalid HTTP status {text!r}")
@@ -252,7 +258,7 @@ def build_parser() -> Any:
     )
     client.add_argument(
         "--max-concurrency",
-        type=int,
+        type=_at_least_one,
         default=256,
         env_var="BACKSTREAM_MAX_CONCURRENCY",
         help="concurrent requests to the local app (default: 256)",
