@@ -13,7 +13,7 @@ import logging
 import random
 from typing import Any
 
-from tornado import httpclient, httputil
+from tornado import httpclient
 from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
 
 from .. import errors, protocol
@@ -21,7 +21,7 @@ from ..config import ClientConfig
 from ..har import HarRecorder
 from .curl import UpstreamClient
 from .upstream import Exchange
-from .websocket import WebSocketExchange
+from .websocket import WebSocketExchange, http_headers
 
 log = logging.getLogger("backstream.client")
 
@@ -151,9 +151,9 @@ class ClientTunnel:
 
 async def connect(config: ClientConfig, on_message: Any) -> WebSocketClientConnection:
     """Open the tunnel WebSocket; HTTP errors come back as HTTPClientError."""
-    headers = httputil.HTTPHeaders({protocol.CLIENT_HEADER: str(protocol.PROTOCOL_VERSION)})
-    for name, value in config.headers:
-        headers.add(name, value)
+    headers = http_headers(
+        [(protocol.CLIENT_HEADER, str(protocol.PROTOCOL_VERSION)), *config.headers]
+    )
     request = httpclient.HTTPRequest(
         config.server_url,
         headers=headers,

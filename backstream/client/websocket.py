@@ -63,7 +63,7 @@ class WebSocketExchange:
         ]
         request = httpclient.HTTPRequest(
             self._url(),
-            headers=_tornado_headers(headers),
+            headers=http_headers(headers),
             connect_timeout=config.timeout,
             request_timeout=config.timeout,
         )
@@ -165,7 +165,8 @@ class WebSocketExchange:
             self._credit.set_result(None)
 
 
-def _tornado_headers(pairs: list[tuple[str, str]]) -> HTTPHeaders:
+def http_headers(pairs: list[tuple[str, str]]) -> HTTPHeaders:
+    """Tornado's header object from ordered pairs, every repeated value kept."""
     headers = HTTPHeaders()
     for name, value in pairs:
         headers.add(name, value)

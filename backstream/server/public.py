@@ -226,7 +226,7 @@ class PublicHandler(RequestHandler):
                 self.body_sent,
                 elapsed,
             )
-        elif access_log.isEnabledFor(logging.INFO):
+        else:
             access_log.info(
                 "%s %s stream=%s status=%d in=%d out=%d ms=%.1f",
                 self.request.method,

@@ -105,10 +105,6 @@ class ServerStream:
 
     # -- used by the public handler ---------------------------------------------
 
-    @property
-    def error(self) -> errors.StreamError | None:
-        return self._error
-
     async def send_body(self, chunk: bytes) -> None:
         """Forward a piece of the request body, waiting for credit as needed.
 
