@@ -157,6 +157,12 @@ class Base(tornado.web.RequestHandler):
 
     def on_connection_close(self) -> None:
         if not self._finished:
+            self.note_closed()
+
+    def note_closed(self) -> None:
+        """Say ``closed`` once, whether Tornado reports the close or a write fails first."""
+        if not getattr(self, "_closed_noted", False):
+            self._closed_noted = True
             State.closed += 1
             _say(f"closed {self.request.method} {json.dumps(self.request.uri)}")
 
@@ -202,6 +208,7 @@ class Download(Base):
                 await self.flush()
                 State.download_bytes += len(c)
         except tornado.iostream.StreamClosedError:
+            self.note_closed()
             return
         self.finish()
 

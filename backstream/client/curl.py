@@ -16,6 +16,7 @@ abort ends the transfer the way Tornado ends a failed one, through
 
 from __future__ import annotations
 
+import logging
 from io import BytesIO
 from typing import Any
 
@@ -23,6 +24,8 @@ import pycurl
 from tornado import httputil
 from tornado.curl_httpclient import CurlAsyncHTTPClient
 from tornado.httpclient import HTTPRequest
+
+log = logging.getLogger("backstream.client")
 
 
 class UpstreamClient(CurlAsyncHTTPClient):
@@ -46,5 +49,7 @@ class UpstreamClient(CurlAsyncHTTPClient):
         """
         info = getattr(curl, "info", None)
         if info is None or getattr(info.get("request"), "request", None) is not request:
+            log.debug("abort: transfer already finished (%s)", why)
             return  # finished already; the handle may serve another request by now
+        log.debug("abort: ending transfer (%s)", why)
         self._finish(curl, pycurl.E_ABORTED_BY_CALLBACK, why)
