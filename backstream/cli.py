@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 import configargparse
 
-from . import __version__
+from . import __version__, heap
 from .config import ClientConfig, ServerConfig, parse_addr, server_ws_url, split_destination
 from .errors import ConfigError
 from .logs import LEVELS, setup_logging
@@ -350,6 +350,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             config = client_config(args)
             runner = run_client
         setup_logging(args.log_level, args.log_format, args.log_output)
+        heap.keep_freed_buffers()
         run_loop(runner(config))
     except ConfigError as e:
         print(f"backstream: error: {e}", file=sys.stderr)
