@@ -30,7 +30,7 @@ WebSocket handshake, so a client speaking another version is refused before
 the upgrade with a message that says which versions the two sides speak.
 
 Nothing here does I/O: callers feed each message to :func:`decode_all`, and
-send what :meth:`Frame.encode` returns, joined by a :class:`Batch`. Malformed
+send what :meth:`Frame.encode` returns, gathered into messages by a :class:`Batch`. Malformed
 input raises :class:`ProtocolError` (the I/O layer closes that one tunnel),
 never anything else.
 """
@@ -319,20 +319,24 @@ class Batch:
         """Queue one frame, given whole or as pieces (``Data.parts()``)."""
         self._frames.append(parts)
 
-    def messages(self) -> list[bytes]:
-        """Take everything queued, as messages ready to send."""
-        messages: list[bytes] = []
+    def messages(self) -> list[list[bytes]]:
+        """Take everything queued, as messages: each the list of its pieces, in order.
+
+        The pieces are not joined here: the writer sends them as one message
+        without copying the big ones (``websocket_writer``).
+        """
+        messages: list[list[bytes]] = []
         current: list[bytes] = []
         size = 0
         for frame in self._frames:
             length = sum(len(part) for part in frame)
             if current and size + length > BATCH_SIZE:
-                messages.append(b"".join(current))
+                messages.append(current)
                 current, size = [], 0
             current.extend(frame)
             size += length
         if current:
-            messages.append(current[0] if len(current) == 1 else b"".join(current))
+            messages.append(current)
         self._frames = []
         return messages
 

@@ -16,7 +16,7 @@ from typing import Any
 from tornado import httpclient
 from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
 
-from .. import errors, protocol
+from .. import errors, protocol, websocket_writer
 from ..config import ClientConfig
 from ..har import HarRecorder
 from .curl import UpstreamClient
@@ -77,8 +77,8 @@ class ClientTunnel:
         if self.closed.done():
             return
         try:
-            for message in messages:
-                self.ws.write_message(message, binary=True)
+            for pieces in messages:
+                websocket_writer.write_binary(self.ws.protocol, pieces)
         except WebSocketClosedError:
             self.on_message(None)
 

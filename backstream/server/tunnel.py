@@ -15,7 +15,7 @@ import logging
 from tornado.httputil import HTTPServerRequest
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
-from .. import errors, protocol, relay
+from .. import errors, protocol, relay, websocket_writer
 from .gate import Gate
 from .stream import ServerStream
 
@@ -96,8 +96,8 @@ class Tunnel:
         if not self.open:
             return
         try:
-            for message in messages:
-                self.handler.write_message(message, binary=True)
+            for pieces in messages:
+                websocket_writer.write_binary(self.handler.ws_connection, pieces)
         except WebSocketClosedError:
             self.closed("connection lost while sending")
 
