@@ -14,9 +14,8 @@ peak RSS does not move.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
-import platform
+import os
 
 log = logging.getLogger("backstream")
 
@@ -32,11 +31,10 @@ TRIM_THRESHOLD = 32 * 1024 * 1024
 
 def keep_freed_buffers() -> bool:
     """Tune glibc's malloc for buffer churn; False (and no change) on other C libraries."""
-    if platform.libc_ver()[0] != "glibc":
+    if not _is_glibc():
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own symbols: glibc's
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
@@ -46,3 +44,10 @@ def keep_freed_buffers() -> bool:
     if not ok:
         log.debug("mallopt refused the heap settings; keeping glibc's defaults")
     return ok
+
+
+def _is_glibc() -> bool:
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")  # type: ignore[union-attr]
+    except (ValueError, OSError, AttributeError):
+        return False  # musl, macOS, Windows

@@ -2,17 +2,19 @@
 
 Each run is a fresh interpreter, since glibc's settings are per process. The
 loop is the pattern of Tornado's frame writer on the client before
-``websocket_writer``: mask a 256 KiB chunk, prepend the mask, drop both. Page faults are counted by the kernel, not timed.
+``websocket_writer``: mask a 256 KiB chunk, prepend the mask, drop both.
+Page faults are counted by the kernel, not timed.
 """
 
 from __future__ import annotations
 
 import json
-import platform
 import subprocess
 import sys
 
 import pytest
+
+from backstream import heap
 
 CHURN = """
 import json, os, resource, sys
@@ -36,7 +38,7 @@ def _churn(mode: str) -> dict[str, object]:
     return result
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+@pytest.mark.skipif(not heap._is_glibc(), reason="mallopt is glibc's")
 def test_freed_buffers_are_reused_instead_of_faulted_in_again() -> None:
     default, tuned = _churn("default"), _churn("tuned")
     assert tuned["tuned"] is True
