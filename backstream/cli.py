@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 import configargparse
 
-from . import __version__, heap
+from . import __version__, heap, masking
 from .config import ClientConfig, ServerConfig, parse_addr, server_ws_url, split_destination
 from .errors import ConfigError
 from .logs import LEVELS, setup_logging
@@ -351,6 +351,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             runner = run_client
         setup_logging(args.log_level, args.log_format, args.log_output)
         heap.keep_freed_buffers()
+        masking.install()
         run_loop(runner(config))
     except ConfigError as e:
         print(f"backstream: error: {e}", file=sys.stderr)

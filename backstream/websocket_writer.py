@@ -21,8 +21,9 @@ import struct
 from collections.abc import Iterator, Sequence
 
 from tornado.iostream import StreamClosedError
-from tornado.util import _websocket_mask  # Tornado's C speedup when built, else pure Python
 from tornado.websocket import WebSocketClosedError, WebSocketProtocol
+
+from .masking import mask as _websocket_mask
 
 #: Pieces at least this big are written on their own, uncopied; smaller ones are joined
 #: into groups of about this size, so that a message costs few copies and few syscalls.
