@@ -26,7 +26,7 @@ _M_MMAP_THRESHOLD = -3
 #: Allocations up to this size come from the heap (a WebSocket message is at most ~1 MiB).
 MMAP_THRESHOLD = 4 * 1024 * 1024
 #: Free memory at the top of the heap kept for reuse before trimming.
-TRIM_THRESHOLD = 32 * 1024 * 1024
+TRIM_THRESHOLD = 8 * 1024 * 1024
 
 
 def keep_freed_buffers() -> bool:
