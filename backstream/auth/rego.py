@@ -166,16 +166,17 @@ class RegoAuthorizer(Authorizer):
 
     async def decide(self, package: str, input: Mapping[str, Any]) -> Decision:
         policy_set = self._set
+        fields = policy_set.key_fields
         try:
-            input_json = json.dumps(input, sort_keys=True, separators=(",", ":"))
-            fields = policy_set.key_fields
-            read = input_json if fields is None else json.dumps([input.get(f) for f in fields])
+            # A cache hit needs only the fields the policies read, not the whole input.
+            read = _json([input.get(f) for f in fields] if fields is not None else input)
         except (TypeError, ValueError) as exc:
             return Decision(False, error=f"input is not JSON-encodable: {exc}")
         cache = policy_set.cache
         key = (package, read)
         if cache is not None and (cached := cache.get(key)) is not None:
             return cached
+        input_json = read if fields is None else _json(input)
         try:
             future = asyncio.get_running_loop().run_in_executor(
                 self._pool, self._evaluate, policy_set, package, input_json
@@ -206,3 +207,7 @@ class RegoAuthorizer(Authorizer):
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
