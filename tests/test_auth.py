@@ -263,6 +263,22 @@ class TestRegoRuntime(RegoBackend):
         self.assertEqual(cache.misses, 2)
 
     @gen_test
+    async def test_input_that_is_not_json_fails_closed_and_never_raises(self) -> None:
+        self.write("client.rego", CLIENT_TOKEN)  # reads input.header only: field-keyed cache
+        authorizer = await self.start()
+        assert isinstance(authorizer, RegoAuthorizer)
+        self.assertEqual(authorizer.policy_set.key_fields, ("header",))
+        token = [("Authorization", "Bearer s3cret")]
+        for bad in (
+            {**request(headers=token), "path": object()},  # an unread field: on a miss
+            {**request(headers=[("Authorization", "Bearer other")]), "path": object()},
+            {"header": {1: "a", "b": "c"}},  # a read field that cannot be sorted
+        ):
+            decision = await self.decide(CLIENT_PACKAGE, bad)
+            self.assertFalse(decision.allowed)
+            self.assertIn("not JSON-encodable", decision.error or "")
+
+    @gen_test
     async def test_time_dependent_policies_are_not_cached(self) -> None:
         self.write("t.rego", "package auth.client\nimport rego.v1\nallow if time.now_ns() > 0\n")
         authorizer = await self.start()

@@ -167,16 +167,16 @@ class RegoAuthorizer(Authorizer):
     async def decide(self, package: str, input: Mapping[str, Any]) -> Decision:
         policy_set = self._set
         fields = policy_set.key_fields
+        cache = policy_set.cache
         try:
             # A cache hit needs only the fields the policies read, not the whole input.
             read = _json([input.get(f) for f in fields] if fields is not None else input)
+            key = (package, read)
+            if cache is not None and (cached := cache.get(key)) is not None:
+                return cached  # fields the policies never read are not even encoded
+            input_json = read if fields is None else _json(input)
         except (TypeError, ValueError) as exc:
             return Decision(False, error=f"input is not JSON-encodable: {exc}")
-        cache = policy_set.cache
-        key = (package, read)
-        if cache is not None and (cached := cache.get(key)) is not None:
-            return cached
-        input_json = read if fields is None else _json(input)
         try:
             future = asyncio.get_running_loop().run_in_executor(
                 self._pool, self._evaluate, policy_set, package, input_json
