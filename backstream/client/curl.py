@@ -50,8 +50,8 @@ class _LazyHandles(list[Any]):
             return super().pop(index)
         if self._unmade <= 0:
             raise IndexError("pop from empty list")
+        curl = self._create()  # may raise: then no slot is used up
         self._unmade -= 1
-        curl = self._create()
         self._made.append(curl)
         return curl
 
