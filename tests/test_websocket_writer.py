@@ -16,9 +16,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tornado.httpserver import HTTPServer
+from tornado.iostream import StreamClosedError
 from tornado.netutil import bind_sockets
 from tornado.web import Application
 from tornado.websocket import WebSocketClosedError, WebSocketHandler, websocket_connect
+from websockets.frames import Frame, Opcode
+from websockets.streams import StreamReader
 
 from backstream import websocket_writer
 from backstream.websocket_writer import LARGE, frame_header, mask_at, write_binary
@@ -87,8 +90,12 @@ def test_length_encodings_at_their_boundaries() -> None:
     echoed = asyncio.run(_round_trip(messages))
     assert [len(m) for m in echoed] == sizes
     assert echoed == [m[0] for m in messages]
+    # RFC 6455 5.2: the minimal number of bytes must be used for the length
     assert frame_header(125) == b"\x82\x7d"
     assert frame_header(126) == b"\x82\x7e\x00\x7e"
+    assert frame_header(0xFFFF) == b"\x82\x7e\xff\xff"
+    assert frame_header(0xFFFF, b"abcd") == b"\x82\xfe\xff\xffabcd"
+    assert frame_header(0x10000) == b"\x82\x7f" + (0x10000).to_bytes(8, "big")
     assert frame_header(0x10000, b"abcd") == b"\x82\xff" + (0x10000).to_bytes(8, "big") + b"abcd"
 
 
@@ -125,3 +132,58 @@ def test_big_pieces_are_not_joined() -> None:
     groups = list(websocket_writer._groups([small, small, big, small]))
     assert groups == [small + small, big, small]
     assert groups[1] is big
+
+
+class _Recorder:
+    """Stands in for the IOStream: keeps what is written; fails from the ``fail_at``-th write."""
+
+    def __init__(self, fail_at: int = 0) -> None:
+        self.written: list[bytes] = []
+        self.fail_at = fail_at
+
+    def write(self, data: bytes) -> None:
+        if self.fail_at and len(self.written) + 1 >= self.fail_at:
+            raise StreamClosedError()
+        self.written.append(bytes(data))
+
+
+class _Connection:
+    def __init__(self, masked: bool, stream: _Recorder) -> None:
+        self.mask_outgoing = masked
+        self.stream = stream
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def _strict_parse(data: bytes, masked: bool) -> Frame:
+    """One frame, parsed by the ``websockets`` reader, which rejects a wrong mask bit."""
+    reader = StreamReader()
+    reader.feed_data(data)
+    reader.feed_eof()
+    parser = Frame.parse(reader.read_exact, mask=masked, max_size=None)
+    try:
+        next(parser)
+    except StopIteration as done:
+        assert not reader.buffer, "bytes after the frame"
+        frame: Frame = done.value
+        return frame
+    raise AssertionError("incomplete frame")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(piece_size, max_size=8), st.booleans(), st.integers())
+def test_frames_are_exactly_rfc_6455(sizes: list[int], masked: bool, seed: int) -> None:
+    pieces = _sizes_to_pieces(sizes, seed)
+    stream = _Recorder()
+    write_binary(_Connection(masked, stream), pieces)  # type: ignore[arg-type]
+    frame = _strict_parse(b"".join(stream.written), masked)
+    assert frame.opcode == Opcode.BINARY and frame.fin
+    assert not (frame.rsv1 or frame.rsv2 or frame.rsv3)
+    assert frame.data == b"".join(pieces)
+
+
+def test_a_stream_closed_mid_message_raises_websocket_closed() -> None:
+    pieces = [b"head", b"B" * LARGE, b"tail"]  # three writes: header+head, the chunk, tail
+    with pytest.raises(WebSocketClosedError):
+        write_binary(_Connection(True, _Recorder(fail_at=2)), pieces)  # type: ignore[arg-type]
