@@ -30,9 +30,9 @@ WebSocket handshake, so a client speaking another version is refused before
 the upgrade with a message that says which versions the two sides speak.
 
 Nothing here does I/O: callers feed each message to :func:`decode_all`, and
-send what :meth:`Frame.encode` returns, gathered into messages by a :class:`Batch`. Malformed
-input raises :class:`ProtocolError` (the I/O layer closes that one tunnel),
-never anything else.
+send what :meth:`Frame.encode` returns, gathered into messages by a
+:class:`Batch`. Malformed input raises :class:`ProtocolError` (the I/O layer
+closes that one tunnel), never anything else.
 """
 
 from __future__ import annotations
