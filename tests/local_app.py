@@ -370,6 +370,16 @@ class NoContent(Base):
     head = get
 
 
+class Bare(Base):
+    """A response with no Server, Date or Content-Type: only what it sets itself."""
+
+    def get(self) -> None:
+        for name in ("Server", "Date", "Content-Type"):
+            self.clear_header(name)
+        self.set_header("X-Only", "1")
+        self.finish(b"bare\n")
+
+
 class NotModified(Base):
     def get(self) -> None:
         self.set_status(304)
@@ -465,6 +475,7 @@ def make_app() -> tornado.web.Application:
             (r"/gzip", Gzip),
             (r"/nocontent", NoContent),
             (r"/notmodified", NotModified),
+            (r"/bare", Bare),
             (r"/hopheaders", HopHeaders),
             (r"/ws/echo", WsEcho),
             (r"/ws/refuse", WsRefuse),

@@ -300,6 +300,15 @@ def test_bodiless_statuses(tunnel: Tunnel, path: str, code: int) -> None:
         assert ("ETag", '"v1"') in headers or ("Etag", '"v1"') in headers
 
 
+def test_the_tunnel_adds_no_headers_of_its_own(tunnel: Tunnel) -> None:
+    """No Server, Date or Content-Type the local app did not send."""
+    code, headers, rest = _raw(tunnel.server, "GET", "/bare")
+    assert code == 200
+    assert rest == b"bare\n"
+    names = sorted(k.lower() for k, _ in headers if k.lower() != "connection")
+    assert names == ["content-length", "x-only"], headers
+
+
 def test_keepalive_after_bodiless_responses(tunnel: Tunnel) -> None:
     """Three requests on one connection: a stray body would corrupt the next one."""
     import http.client

@@ -65,11 +65,13 @@ class PublicHandler(RequestHandler):
             return self.relay
         raise AttributeError(name)
 
-    def set_default_headers(self) -> None:
-        # The response is the local app's: no Tornado defaults.
-        self.clear_header("Server")
-        self.clear_header("Content-Type")
-        self.clear_header("Date")
+    def clear(self) -> None:
+        # The response is the local app's: none of Tornado's default headers,
+        # not even built and removed again (its Date header is a formatdate call).
+        self._headers = httputil.HTTPHeaders()
+        self._write_buffer = []
+        self._status_code = 200
+        self._reason = "OK"
 
     def compute_etag(self) -> None:
         return None
