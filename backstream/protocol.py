@@ -356,8 +356,12 @@ def parse_close(payload: bytes) -> tuple[int, str]:
     return code, payload[_U16.size :].decode("utf-8", "replace")
 
 
+#: One encoder for every head (``json.dumps`` with options builds a new one per call).
+_encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def _head_frame(type_: FrameType, flags: int, stream_id: int, payload: list[Any]) -> bytes:
-    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    body = _encode_json(payload).encode("utf-8")
     return _HEADER.pack(type_, flags, stream_id, len(body)) + body
 
 
