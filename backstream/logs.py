@@ -50,10 +50,8 @@ class MaskingFilter(logging.Filter):
     """Masks secrets in the fully formatted message of every record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        masked = mask_secrets(message)
-        if masked != message:
-            record.msg, record.args = masked, None
+        # Keep the formatted text, so the formatter does not format it again.
+        record.msg, record.args = mask_secrets(record.getMessage()), None
         return True
 
 
