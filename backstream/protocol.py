@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import re
 import struct
 from typing import Any, ClassVar
 
@@ -61,8 +62,10 @@ MAX_FRAME = MAX_WEBSOCKET_MESSAGE + 64 * 1024
 BATCH_SIZE = 256 * 1024
 #: Largest message a receiver accepts: a full batch plus one largest frame.
 MAX_MESSAGE = BATCH_SIZE + MAX_FRAME + 64
-#: A window can never grow beyond this (credit overflow is a protocol error).
-MAX_WINDOW = 2**31 - 1
+#: Credit a peer may hold on one stream: an honest receiver only grants back what was
+#: consumed, so more than one window is a protocol error (a peer that grants and never
+#: reads cannot make the sender buffer without bound).
+MAX_WINDOW = INITIAL_WINDOW
 
 _HEADER = struct.Struct("!BBII")
 HEADER_SIZE = _HEADER.size
@@ -139,6 +142,12 @@ class RequestHead:
             raise ProtocolError("REQUEST: bad body length")
         if not (isinstance(remote, str) and isinstance(scheme, str) and isinstance(host, str)):
             raise ProtocolError("REQUEST: remote, scheme and host must be strings")
+        if not is_token(method):
+            raise ProtocolError(f"REQUEST: method {method[:40]!r} is not an HTTP token")
+        if not is_origin_form(target):
+            raise ProtocolError(f"REQUEST: target {target[:100]!r} is not an origin-form path")
+        if not _VISIBLE.fullmatch(host):
+            raise ProtocolError(f"REQUEST: host {host[:100]!r} has spaces or control bytes")
         return cls(
             stream_id,
             method,
@@ -176,8 +185,8 @@ class ResponseHead:
         status, reason, headers = _json_array(payload, 3)
         if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 999:
             raise ProtocolError("RESPONSE: status must be an integer from 100 to 999")
-        if not isinstance(reason, str):
-            raise ProtocolError("RESPONSE: reason must be a string")
+        if not isinstance(reason, str) or _FORBIDDEN_IN_VALUE.search(reason):
+            raise ProtocolError("RESPONSE: reason must be a string without control bytes")
         return cls(stream_id, status, reason, _headers(headers), bool(flags & FLAG_END))
 
 
@@ -385,17 +394,54 @@ def _headers(value: Any) -> Headers:
             or len(item) != 2
             or not isinstance(item[0], str)
             or not isinstance(item[1], str)
-            or not item[0]
         ):
             raise ProtocolError("headers must be a list of [name, value] pairs")
-        if _has_line_break(item[0]) or _has_line_break(item[1]):
-            raise ProtocolError("header names and values must not contain CR or LF")
+        problem = header_problem(item[0], item[1])
+        if problem is not None:
+            raise ProtocolError(problem)
         pairs.append((item[0], item[1]))
     return pairs
 
 
-def _has_line_break(text: str) -> bool:
-    return "\r" in text or "\n" in text or "\0" in text
+# -- what may be written on an HTTP/1.1 connection (RFC 9110 5.1, 5.5; RFC 9112 3.2) --------
+# Both sides check with these before a head goes out, and the decoder refuses anything
+# else, so no peer can make the other write CR, LF or a second request onto a socket.
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: Visible ASCII and obs-text: no space, no control byte.
+_VISIBLE = re.compile(r"[\x21-\x7e\x80-\xff]*")
+#: A request target in origin-form: a path, maybe a query.
+_ORIGIN_FORM = re.compile(r"/[\x21-\x7e\x80-\xff]*")
+#: Control bytes a field value must not hold (HTAB is allowed), and anything past latin-1.
+_FORBIDDEN_IN_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\u0100-\U0010ffff]")
+
+
+def is_token(text: str) -> bool:
+    """Whether ``text`` is an HTTP token: a method or a header name."""
+    return _TOKEN.fullmatch(text) is not None
+
+
+def is_origin_form(target: str) -> bool:
+    """Whether ``target`` is ``/path?query`` with no space or control byte."""
+    return _ORIGIN_FORM.fullmatch(target) is not None
+
+
+def header_problem(name: str, value: str) -> str | None:
+    """Why a header cannot be written on an HTTP/1.1 connection, or None."""
+    if not is_token(name):
+        return f"header name {name[:40]!r} is not an HTTP token"
+    if _FORBIDDEN_IN_VALUE.search(value):
+        return f"header {name} has a control byte in its value"
+    return None
+
+
+def headers_problem(headers: Headers) -> str | None:
+    """The first header of ``headers`` that cannot be written, or None."""
+    for name, value in headers:
+        problem = header_problem(name, value)
+        if problem is not None:
+            return problem
+    return None
 
 
 class SendWindow:

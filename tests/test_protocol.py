@@ -13,29 +13,33 @@ from backstream.errors import ProtocolError
 from backstream.protocol import Data, RequestHead, Reset, ResponseHead, Window
 
 stream_ids = st.integers(min_value=1, max_value=2**32 - 1)
-# Header text as Tornado hands it over: latin-1, no CR/LF/NUL.
-header_text = st.text(
-    st.characters(min_codepoint=0x20, max_codepoint=0xFF, blacklist_characters="\x7f"), max_size=40
-)
-headers = st.lists(st.tuples(header_text.filter(bool), header_text), max_size=12)
+# Heads as Tornado's HTTP/1.1 parser hands them over (RFC 9110 5.1, 5.5; RFC 9112 3.2):
+# token names and methods, latin-1 values without control bytes but HTAB, and
+# origin-form targets of visible bytes. Anything else is refused (tests below).
+_TCHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_VISIBLE = [chr(c) for c in (*range(0x21, 0x7F), *range(0x80, 0x100))]
+tokens = st.text(st.sampled_from(_TCHARS), min_size=1, max_size=20)
+header_values = st.text(st.sampled_from([" ", "\t", *_VISIBLE]), max_size=40)
+headers = st.lists(st.tuples(tokens, header_values), max_size=12)
+visible = st.text(st.sampled_from(_VISIBLE), max_size=200)
 
 request_heads = st.builds(
     RequestHead,
     stream_ids,
-    st.sampled_from(["GET", "POST", "PURGE", "OPTIONS", "HEAD"]),
-    st.text(max_size=200),
+    st.one_of(st.sampled_from(["GET", "POST", "PURGE", "OPTIONS", "HEAD"]), tokens),
+    visible.map(lambda path: "/" + path),
     headers,
     st.integers(min_value=-1, max_value=2**53),
     st.text(max_size=40),
     st.sampled_from(["http", "https"]),
-    st.text(max_size=40),
+    visible,
     st.booleans(),
 )
 response_heads = st.builds(
     ResponseHead,
     stream_ids,
     st.integers(min_value=100, max_value=999),
-    st.text(max_size=60).filter(lambda s: "\r" not in s and "\n" not in s),
+    header_values,
     headers,
     st.booleans(),
 )
@@ -146,7 +150,7 @@ def _frame(type_: int, stream_id: int, payload: bytes, flags: int = 0) -> bytes:
         (_frame(1, 1, b"[1,2"), "not valid JSON"),
         (_frame(2, 1, b'[99,"x",[]]'), "status"),
         (_frame(2, 1, b'[200,"x",[["a"]]]'), "pairs"),
-        (_frame(2, 1, b'[200,"x",[["a","b\\r\\nc: d"]]]'), "CR or LF"),
+        (_frame(2, 1, b'[200,"x",[["a","b\\r\\nc: d"]]]'), "control byte"),
         (_frame(4, 1, b"\0\0"), "4 bytes"),
         (_frame(4, 1, b"\0\0\0\0"), "positive"),
         (_frame(5, 1, b"\0"), "too short"),
@@ -157,6 +161,39 @@ def _frame(type_: int, stream_id: int, payload: bytes, flags: int = 0) -> bytes:
 def test_malformed_frames_say_what_is_wrong(message: bytes, why: str) -> None:
     with pytest.raises(ProtocolError, match=why):
         protocol.decode_all(message)
+
+
+def _request(method: str, target: str, headers: str = "[]", host: str = "h") -> bytes:
+    payload = f'["{method}","{target}",{headers},0,"1.2.3.4","http","{host}"]'.encode()
+    return _frame(1, 1, payload)
+
+
+@pytest.mark.parametrize(
+    "message, why",
+    [
+        (_request("GET\\r\\nX: y", "/"), "method"),
+        (_request("GE T", "/"), "method"),
+        (_request("GET", "/a HTTP/1.1\\r\\nHost: x\\r\\n\\r\\nGET /smuggled"), "target"),
+        (_request("GET", "/a b"), "target"),
+        (_request("GET", "example.com/x"), "target"),
+        (_request("GET", "/\\u0000"), "target"),
+        (_request("GET", "/", '[["X Y","1"]]'), "header name"),
+        (_request("GET", "/", '[["X:Y","1"]]'), "header name"),
+        (_request("GET", "/", '[["","1"]]'), "header name"),
+        (_request("GET", "/", '[["X","a\\u0001b"]]'), "control byte"),
+        (_request("GET", "/", "[]", "h\\r\\nX: y"), "host"),
+        (_frame(2, 1, b'[200,"OK\\r\\nX: y",[]]'), "reason"),
+    ],
+)
+def test_heads_that_would_inject_into_http_are_refused(message: bytes, why: str) -> None:
+    """Both sides refuse a head whose method, target or headers could split a request."""
+    with pytest.raises(ProtocolError, match=why):
+        protocol.decode_all(message)
+
+
+def test_valid_heads_with_unusual_but_legal_bytes_pass() -> None:
+    head = RequestHead(1, "PROPFIND", "/%2F?a=%C3%A9&b=\xe9", [("X-Tab", "a\tb")], host="h:1")
+    assert protocol.decode(head.encode()) == head
 
 
 def test_version_check() -> None:
@@ -179,6 +216,15 @@ class TestFlowControl:
     def test_grant_overflow_is_a_protocol_error(self) -> None:
         window = protocol.SendWindow(protocol.MAX_WINDOW)
         with pytest.raises(ProtocolError):
+            window.grant(1)
+
+    def test_no_peer_may_grant_more_than_one_window(self) -> None:
+        """A receiver only grants back what it consumed: more is a peer that never reads."""
+        assert protocol.MAX_WINDOW == protocol.INITIAL_WINDOW
+        window = protocol.SendWindow()
+        window.spend(1000)
+        window.grant(1000)
+        with pytest.raises(ProtocolError, match="overflows"):
             window.grant(1)
 
     def test_receiver_rejects_an_overrun(self) -> None:
