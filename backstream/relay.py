@@ -6,10 +6,13 @@ tests call directly.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 Headers = list[tuple[str, str]]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: Headers that describe one connection, never forwarded (RFC 9110 7.6.1).
 HOP_BY_HOP = frozenset(
@@ -43,14 +46,20 @@ def strip_hop_by_hop(headers: Iterable[tuple[str, str]], *, drop: Iterable[str] 
     return [(name, value) for name, value in pairs if name.lower() not in removed]
 
 
-def add_forwarded(headers: Headers, *, remote: str, scheme: str, host: str) -> Headers:
-    """Append the de-facto proxy headers the local app expects.
+def add_forwarded(
+    headers: Headers, *, remote: str, scheme: str, host: str, trusted: bool = False
+) -> Headers:
+    """Set the de-facto proxy headers the local app expects.
 
-    ``X-Forwarded-For`` and ``Via`` are appended to (a load balancer in front
-    of the server may have set them); ``X-Forwarded-Proto`` and
-    ``X-Forwarded-Host`` are only set when absent, so a TLS-terminating
-    platform in front of the server keeps its word.
+    From a ``trusted`` peer (a proxy named by ``--trust-forwarded``) the
+    forwarding headers it set are kept: ``X-Forwarded-For`` and ``Via`` are
+    appended to, ``X-Forwarded-Proto`` and ``X-Forwarded-Host`` only set when
+    absent. From anyone else every ``X-Forwarded-*`` and ``Forwarded`` header
+    is dropped first, so a caller cannot tell the app it came over HTTPS, from
+    another address or for another host.
     """
+    if not trusted:
+        headers = [(n, v) for n, v in headers if not _is_forwarding_header(n)]
     names = {name.lower() for name, _ in headers}
     out = list(headers)
     if remote:
@@ -61,6 +70,35 @@ def add_forwarded(headers: Headers, *, remote: str, scheme: str, host: str) -> H
         out.append(("X-Forwarded-Host", host))
     out.append(("Via", VIA))
     return _merge_repeated(out, ("x-forwarded-for", "via"))
+
+
+def _is_forwarding_header(name: str) -> bool:
+    key = name.lower()
+    return key.startswith("x-forwarded-") or key == "forwarded"
+
+
+def parse_networks(text: str) -> tuple[Network, ...]:
+    """``"10.0.0.0/8, ::1"`` -> networks; raise ValueError naming a bad entry."""
+    networks = []
+    for part in re.split(r"[,\s]+", text.strip()):
+        if not part:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ValueError(f"invalid network {part!r}: expected an address or CIDR") from None
+    return tuple(networks)
+
+
+def is_trusted(remote: str, networks: Sequence[Network]) -> bool:
+    """Whether the peer address ``remote`` lies in one of ``networks``."""
+    if not networks or not remote:
+        return False
+    try:
+        address = ipaddress.ip_address(remote)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
 
 
 def _merge_repeated(headers: Headers, names: Iterable[str]) -> Headers:
@@ -78,6 +116,98 @@ def _merge_repeated(headers: Headers, names: Iterable[str]) -> Headers:
             merged[key] = len(out)
         out.append((name, value))
     return out
+
+
+#: A header block larger than this is answered 431 (RFC 6585).
+MAX_HEADER_BLOCK = 64 * 1024
+_DIGITS = re.compile(r"[0-9]{1,19}")
+
+
+def body_length(headers: Iterable[tuple[str, str]]) -> int:
+    """0 for no body, N for ``Content-Length: N``, -1 for a chunked body.
+
+    Raises ValueError for any framing two HTTP implementations could read
+    differently (RFC 9112 6.1, 6.3): both headers, more than one of either,
+    a coding other than exactly ``chunked``, a length that is not plain digits.
+    """
+    lengths: list[str] = []
+    codings: list[str] = []
+    for name, value in headers:
+        key = name.lower()
+        if key == "content-length":
+            lengths.append(value)
+        elif key == "transfer-encoding":
+            codings.append(value)
+    if codings:
+        if lengths:
+            raise ValueError("both Transfer-Encoding and Content-Length")
+        if len(codings) != 1 or codings[0].strip().lower() != "chunked":
+            raise ValueError("Transfer-Encoding other than one 'chunked'")
+        return -1
+    if not lengths:
+        return 0
+    if len(lengths) != 1 or not _DIGITS.fullmatch(lengths[0].strip()):
+        raise ValueError("invalid Content-Length")
+    return int(lengths[0])
+
+
+def head_problem(
+    method: str, target: str, headers: Sequence[tuple[str, str]], *, handshake: bool
+) -> tuple[int, str] | None:
+    """(status, reason) for a request head refused before routing, or None.
+
+    ``handshake``: the request asks for a WebSocket (public or the tunnel), which
+    never has a body, so none is ever read or buffered for it.
+    """
+    size = len(method) + len(target) + sum(len(name) + len(value) + 4 for name, value in headers)
+    if size > MAX_HEADER_BLOCK:
+        return 431, f"request header fields larger than {MAX_HEADER_BLOCK} bytes"
+    try:
+        length = body_length(headers)
+    except ValueError as e:
+        return 400, f"bad request framing: {e}"
+    if handshake and length != 0:
+        return 400, "a WebSocket handshake must not have a body"
+    return None
+
+
+def websocket_handshake_problem(
+    method: str, headers: Sequence[tuple[str, str]]
+) -> tuple[int, str] | None:
+    """(status, reason) if a public upgrade is not a valid RFC 6455 handshake, or None.
+
+    Checked before the handshake is relayed, so that the local app never opens
+    a WebSocket for an upgrade the public side would then refuse.
+    """
+    values: dict[str, list[str]] = {}
+    for name, value in headers:
+        values.setdefault(name.lower(), []).append(value)
+    if method != "GET":
+        return 405, "a WebSocket handshake must be a GET"
+    connection = {t.strip().lower() for v in values.get("connection", []) for t in v.split(",")}
+    if "upgrade" not in connection:
+        return 400, "a WebSocket handshake needs 'Connection: Upgrade'"
+    if values.get("sec-websocket-version") != ["13"]:
+        return 426, "unsupported WebSocket version (13 is supported)"
+    if len(values.get("sec-websocket-key", [])) != 1 or not values["sec-websocket-key"][0]:
+        return 400, "a WebSocket handshake needs one Sec-WebSocket-Key"
+    return None
+
+
+def response_headers(status: int, headers: Headers, *, upgrade: bool) -> Headers:
+    """The headers of a relayed response, its framing decided here, not by the peer.
+
+    Hop-by-hop headers (``Transfer-Encoding`` among them) are dropped; the one
+    ``Content-Length`` left must be valid. An interim status (1xx) is refused,
+    except 101 answering a WebSocket upgrade. Raises ValueError.
+    """
+    if 100 <= status < 200 and not (status == 101 and upgrade):
+        raise ValueError(f"status {status} is not a final response")
+    headers = strip_hop_by_hop(headers)
+    lengths = [v for n, v in headers if n.lower() == "content-length"]
+    if len(lengths) > 1 or (lengths and not _DIGITS.fullmatch(lengths[0].strip())):
+        raise ValueError("invalid Content-Length in the response")
+    return headers
 
 
 def origin_form(target: str) -> str:

@@ -34,12 +34,13 @@ def test_hop_by_hop_and_connection_named_headers_are_removed() -> None:
     ]
 
 
-def test_forwarded_headers_append_to_what_a_load_balancer_set() -> None:
+def test_forwarded_headers_append_to_what_a_trusted_load_balancer_set() -> None:
     headers = relay.add_forwarded(
         [("X-Forwarded-For", "203.0.113.9"), ("X-Forwarded-Proto", "https"), ("Via", "1.1 lb")],
         remote="127.0.0.1",
         scheme="http",
         host="tunnel.test",
+        trusted=True,
     )
     assert headers == [
         ("X-Forwarded-For", "203.0.113.9, 127.0.0.1"),
@@ -47,6 +48,129 @@ def test_forwarded_headers_append_to_what_a_load_balancer_set() -> None:
         ("Via", "1.1 lb, 1.1 backstream"),
         ("X-Forwarded-Host", "tunnel.test"),
     ]
+
+
+def test_forwarded_headers_from_an_untrusted_caller_are_replaced() -> None:
+    headers = relay.add_forwarded(
+        [
+            ("X-Forwarded-For", "6.6.6.6"),
+            ("x-forwarded-host", "evil.example"),
+            ("X-Forwarded-Proto", "https"),
+            ("X-Forwarded-Port", "443"),
+            ("Forwarded", "for=6.6.6.6"),
+            ("X-Kept", "1"),
+        ],
+        remote="127.0.0.1",
+        scheme="http",
+        host="tunnel.test",
+    )
+    assert headers == [
+        ("X-Kept", "1"),
+        ("X-Forwarded-For", "127.0.0.1"),
+        ("X-Forwarded-Proto", "http"),
+        ("X-Forwarded-Host", "tunnel.test"),
+        ("Via", "1.1 backstream"),
+    ]
+
+
+def test_trusted_networks() -> None:
+    networks = relay.parse_networks("10.0.0.0/8, 127.0.0.1 ::1")
+    assert relay.is_trusted("10.1.2.3", networks)
+    assert relay.is_trusted("127.0.0.1", networks)
+    assert relay.is_trusted("::1", networks)
+    assert not relay.is_trusted("127.0.0.2", networks)
+    assert not relay.is_trusted("not-an-ip", networks)
+    assert not relay.is_trusted("10.1.2.3", ())
+    with pytest.raises(ValueError, match="'10.0.0.0/33'"):
+        relay.parse_networks("10.0.0.0/33")
+
+
+@pytest.mark.parametrize(
+    "headers, expected",
+    [
+        ([], 0),
+        ([("Content-Length", "12")], 12),
+        ([("Content-Length", " 0 ")], 0),
+        ([("Transfer-Encoding", "chunked")], -1),
+        ([("transfer-encoding", "Chunked")], -1),
+    ],
+)
+def test_body_length(headers: list[tuple[str, str]], expected: int) -> None:
+    assert relay.body_length(headers) == expected
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("Content-Length", "3"), ("Transfer-Encoding", "chunked")],
+        [("Transfer-Encoding", "chunked, identity")],
+        [("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "chunked")],
+        [("Transfer-Encoding", "identity")],
+        [("Transfer-Encoding", "gzip, chunked")],
+        [("Content-Length", "3, 3")],
+        [("Content-Length", "3"), ("Content-Length", "4")],
+        [("Content-Length", "0x3")],
+        [("Content-Length", "-1")],
+        [("Content-Length", "+3")],
+        [("Content-Length", "")],
+        [("Content-Length", "9" * 20)],
+    ],
+)
+def test_ambiguous_framing_is_refused(headers: list[tuple[str, str]]) -> None:
+    with pytest.raises(ValueError):
+        relay.body_length(headers)
+
+
+def test_head_problems() -> None:
+    assert relay.head_problem("GET", "/", [("Host", "h")], handshake=False) is None
+    big = [("X-Big", "a" * relay.MAX_HEADER_BLOCK)]
+    too_large = relay.head_problem("GET", "/", big, handshake=False)
+    assert too_large is not None and too_large[0] == 431
+    framing = relay.head_problem("GET", "/", [("Content-Length", "x")], handshake=False)
+    assert framing is not None and framing[0] == 400
+    body = relay.head_problem("GET", "/", [("Content-Length", "1")], handshake=True)
+    assert body == (400, "a WebSocket handshake must not have a body")
+    assert relay.head_problem("GET", "/", [("Content-Length", "0")], handshake=True) is None
+
+
+_HANDSHAKE = [
+    ("Upgrade", "websocket"),
+    ("Connection", "keep-alive, Upgrade"),
+    ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ("Sec-WebSocket-Version", "13"),
+]
+
+
+@pytest.mark.parametrize(
+    "method, drop, add, status",
+    [
+        ("GET", None, None, None),
+        ("POST", None, None, 405),
+        ("GET", "Connection", ("Connection", "keep-alive"), 400),
+        ("GET", "Sec-WebSocket-Version", ("Sec-WebSocket-Version", "8"), 426),
+        ("GET", "Sec-WebSocket-Key", None, 400),
+    ],
+)
+def test_websocket_handshake_problems(
+    method: str, drop: str | None, add: tuple[str, str] | None, status: int | None
+) -> None:
+    headers = [(n, v) for n, v in _HANDSHAKE if n != drop] + ([add] if add else [])
+    problem = relay.websocket_handshake_problem(method, headers)
+    assert (problem[0] if problem else None) == status
+
+
+def test_response_framing_belongs_to_the_server() -> None:
+    headers = relay.response_headers(
+        200, [("Transfer-Encoding", "chunked"), ("Content-Length", "5")], upgrade=False
+    )
+    assert headers == [("Content-Length", "5")]
+    for status, upgrade in ((101, False), (100, False), (103, True)):
+        with pytest.raises(ValueError, match="not a final response"):
+            relay.response_headers(status, [], upgrade=upgrade)
+    assert relay.response_headers(101, [], upgrade=True) == []
+    for lengths in (["5", "6"], ["5, 5"], ["x"]):
+        with pytest.raises(ValueError, match="Content-Length"):
+            relay.response_headers(200, [("Content-Length", v) for v in lengths], upgrade=False)
 
 
 def test_forwarded_headers_when_none_were_set() -> None:
@@ -112,6 +236,15 @@ def test_masking() -> None:
     line = "headers=[('Authorization', 'Bearer abc.def'), ('Cookie', 'sid=1')] token Basic dXNlcg=="
     masked = mask_secrets(line)
     assert "abc.def" not in masked and "sid=1" not in masked and "dXNlcg" not in masked
+
+
+def test_query_tokens_are_masked_in_any_url_a_line_quotes() -> None:
+    line = "Uncaught exception GET /cb?code=1&access_token=t1&api_key=k2;sig=s3 uri='/x?token=t4'"
+    masked = mask_secrets(line)
+    assert masked == (
+        "Uncaught exception GET /cb?code=1&access_token=***&api_key=***;sig=*** uri='/x?token=***'"
+    )
+    assert mask_secrets("stream=1 status=200 token=abc") == "stream=1 status=200 token=abc"
 
 
 def test_header_flag_parsing() -> None:
