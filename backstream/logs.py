@@ -29,16 +29,36 @@ _SECRET_RE = re.compile(
     """
 )
 _BEARER_RE = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
+#: Query parameters whose values are credentials, in any URL a line quotes.
+SECRET_QUERY = (
+    "access_token",
+    "refresh_token",
+    "id_token",
+    "token",
+    "api_key",
+    "apikey",
+    "key",
+    "sig",
+    "signature",
+    "secret",
+    "client_secret",
+    "password",
+)
+_QUERY_RE = re.compile(
+    r"(?i)([?&;](?:" + "|".join(SECRET_QUERY) + r")=)([^&;#\s'\"]*)"
+)
 
 MASK = "***"
 
 
-#: Cheap pre-check: a line without any of these words has nothing to mask.
+#: Cheap pre-check: a line without any of these words has no secret header to mask.
 _TRIGGERS = ("auth", "cookie", "bearer", "basic")
 
 
 def mask_secrets(text: str) -> str:
-    """Replace secret header values and bearer/basic credentials with ``***``."""
+    """Replace secret header values, credentials and query tokens with ``***``."""
+    if "?" in text:
+        text = _QUERY_RE.sub(lambda m: m.group(1) + MASK, text)
     lowered = text.lower()
     if not any(word in lowered for word in _TRIGGERS):
         return text
@@ -46,10 +66,20 @@ def mask_secrets(text: str) -> str:
     return _BEARER_RE.sub(lambda m: m.group(1) + " " + MASK, text)
 
 
+def _without_detail(error: BaseException) -> str:
+    """Tornado's parse errors quote what they refused ("Invalid header value 'a=b'"):
+    keep their words, drop the quoted value, which may be a cookie."""
+    return re.split(r"""['"]""", str(error), maxsplit=1)[0].rstrip(" :")
+
+
 class MaskingFilter(logging.Filter):
     """Masks secrets in the fully formatted message of every record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("tornado.") and isinstance(record.args, tuple):
+            record.args = tuple(
+                _without_detail(a) if isinstance(a, Exception) else a for a in record.args
+            )
         # Keep the formatted text, so the formatter does not format it again.
         record.msg, record.args = mask_secrets(record.getMessage()), None
         return True
