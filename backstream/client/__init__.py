@@ -214,6 +214,9 @@ async def serve_once(
         if e.code == 403:
             log.error("denied by server policy url=%s status=403", url)
             return False, DENIED_SLOWDOWN
+        if e.code == 409:  # another client owns the tunnel: retrying cannot help
+            log.error("tunnel in use url=%s status=409: %s", url, body[:200])
+            raise errors.ConfigError(f"cannot connect to {url}: {body[:200]}") from None
         log.error("server refused the tunnel url=%s status=%d %s", url, e.code, body[:200])
         return False, 1.0
     except (TimeoutError, OSError, httpclient.HTTPError) as e:

@@ -96,6 +96,8 @@ class Exchange:
         self.status = 0
         self.reason = ""
         self.response_headers: list[tuple[str, str]] = []
+        #: Bytes of the response head so far (bounded like a request head).
+        self.head_size = 0
         self.bytes_in = 0
         self.bytes_out = 0
         self.started = time.monotonic()
@@ -203,15 +205,22 @@ class Exchange:
 
     # -- libcurl callbacks (inside socket_action: queue only) -----------------------
 
-    def _on_header_line(self, line: bytes) -> None:
+    def _on_header_line(self, line: bytes) -> int | None:
+        self.head_size += len(line)
+        if self.head_size > relay.MAX_HEADER_BLOCK:
+            return self._refuse_head(f"response head over {relay.MAX_HEADER_BLOCK} bytes")
         text = line.decode("latin-1").rstrip("\r\n")
         if text.startswith("HTTP/"):
             parts = text.split(" ", 2)
             self.status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 502
             self.reason = parts[2].strip() if len(parts) > 2 else ""
             self.response_headers = []
+            self.head_size = len(line)
         elif not text:
             if self.status >= 200 or self.status == 101:
+                problem = protocol.headers_problem(self.response_headers)
+                if problem is not None:
+                    return self._refuse_head(problem)
                 self._send_head()
             # 1xx interim responses (100 Continue, 103) are not relayed
         elif text[0] in " \t" and self.response_headers:  # obsolete line folding
@@ -220,6 +229,16 @@ class Exchange:
         else:
             name, _, value = text.partition(":")
             self.response_headers.append((name.strip(), value.strip()))
+        return None
+
+    def _refuse_head(self, problem: str) -> int:
+        """Fail this stream alone with 502: its head cannot be written on HTTP/1.1."""
+        if not self.cancelled:
+            error = errors.InvalidResponse(f"local app: {problem}")
+            log.warning("stream=%d %s %s: %s", self.id, self.head.method, self.head.target, error)
+            self.tunnel.send(protocol.Reset(self.id, error.reset_code, error.log_message).encode())
+            self.cancelled = True
+        return 0  # libcurl aborts the transfer; _finished() sees it cancelled
 
     def _send_head(self) -> None:
         if self.head_sent or self.cancelled:
