@@ -21,7 +21,7 @@ from . import __version__, heap, masking
 from .config import ClientConfig, ServerConfig, parse_addr, server_ws_url, split_destination
 from .errors import ConfigError
 from .logs import LEVELS, setup_logging
-from .relay import parse_header_line
+from .relay import parse_header_line, parse_networks
 
 
 class _Parser(configargparse.ArgumentParser):  # type: ignore[misc]
@@ -56,6 +56,13 @@ def _at_least_one(text: str) -> int:
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1: {text!r}")
     return int(text)
+
+
+def _networks(text: str) -> tuple[Any, ...]:
+    try:
+        return parse_networks(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _status(text: str) -> int:
@@ -177,6 +184,14 @@ def build_parser() -> Any:
         env_var="BACKSTREAM_POLICY_RELOAD",
         help="seconds between checks for changed policy files; 0: only on SIGHUP (default: 0)",
     )
+    serve.add_argument(
+        "--trust-forwarded",
+        type=_networks,
+        default=(),
+        env_var="BACKSTREAM_TRUST_FORWARDED",
+        metavar="CIDR,...",
+        help="proxies whose X-Forwarded-*/Forwarded headers are kept (default: none, replaced)",
+    )
     _add_logging(serve, defaults=False)
 
     client = commands.add_parser(
@@ -295,6 +310,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         opa_url=args.opa_url,
         opa_token=args.opa_token,
         policy_reload=args.policy_reload,
+        trust_forwarded=args.trust_forwarded,
     )
 
 

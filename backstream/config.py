@@ -11,7 +11,7 @@ import dataclasses
 import urllib.parse
 
 from .errors import ConfigError
-from .relay import Headers
+from .relay import Headers, Network
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +40,9 @@ class ServerConfig:
     opa_token: str | None = dataclasses.field(default=None, repr=False)
     #: Seconds between checks for changed policy files, 0 to only reload on SIGHUP.
     policy_reload: float = 0.0
+    #: Proxies in front whose ``X-Forwarded-*``/``Forwarded`` headers are kept
+    #: (``--trust-forwarded``; default none: those headers are replaced).
+    trust_forwarded: tuple[Network, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

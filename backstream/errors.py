@@ -10,6 +10,7 @@
           +-- ClientLost               (502) the tunnel closed with the request in flight
           +-- UpstreamUnreachable      (502) the local app refused or could not be reached
           +-- UpstreamTimeout          (504) the local app was slower than --timeout
+          +-- InvalidResponse          (502) a response head that cannot be relayed
           +-- BodyTooLarge             (413)
           +-- PolicyDenied             (403)
           +-- PolicyFailure            (500) the policy engine failed: fail closed
@@ -73,6 +74,14 @@ class UpstreamTimeout(StreamError):
     reset_code = 5
 
 
+class InvalidResponse(StreamError):
+    """The local app (or a hostile client) sent a head HTTP/1.1 cannot carry."""
+
+    status = 502
+    reason = "The local app sent an invalid response"
+    reset_code = 10
+
+
 class BodyTooLarge(StreamError):
     status = 413
     reason = "Request body too large"
@@ -107,6 +116,7 @@ STREAM_ERRORS: dict[int, type[StreamError]] = {
         ClientLost,
         UpstreamUnreachable,
         UpstreamTimeout,
+        InvalidResponse,
         BodyTooLarge,
         PolicyDenied,
         PolicyFailure,

@@ -20,6 +20,7 @@ import os
 import struct
 from collections.abc import Iterator, Sequence
 
+from tornado.concurrent import Future
 from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketProtocol
 
@@ -51,8 +52,11 @@ def mask_at(mask: bytes, offset: int, data: bytes) -> bytes:
     return _websocket_mask(mask[shift:] + mask[:shift] if shift else mask, data)
 
 
-def write_binary(connection: WebSocketProtocol | None, pieces: Sequence[bytes]) -> None:
-    """Send ``pieces`` as one binary message, or raise ``WebSocketClosedError``."""
+def write_binary(connection: WebSocketProtocol | None, pieces: Sequence[bytes]) -> Future[None]:
+    """Send ``pieces`` as one binary message, or raise ``WebSocketClosedError``.
+
+    The future resolves once the whole message has left for the socket.
+    """
     stream = connection.stream if connection is not None else None
     if stream is None or connection is None or connection.is_closing():
         raise WebSocketClosedError()
@@ -69,11 +73,12 @@ def write_binary(connection: WebSocketProtocol | None, pieces: Sequence[bytes]) 
             if waiting:
                 stream.write(b"".join(waiting))
                 waiting = []
-            stream.write(data)
+            written = stream.write(data)
         if waiting:
-            stream.write(b"".join(waiting))
+            written = stream.write(b"".join(waiting))
     except StreamClosedError:
         raise WebSocketClosedError() from None
+    return written
 
 
 def _groups(pieces: Sequence[bytes]) -> Iterator[bytes]:

@@ -384,8 +384,16 @@ def test_forwarded_headers_added(tunnel: Tunnel) -> None:
     assert app_headers(j, "Via"), j["headers"]
 
 
-def test_forwarded_for_appended_to_existing(tunnel: Tunnel) -> None:
+def test_forwarded_for_from_an_untrusted_caller_is_replaced(tunnel: Tunnel) -> None:
     j = echo(tunnel.server, "GET", "/fwd2", [("X-Forwarded-For", "203.0.113.9")])
+    assert app_headers(j, "X-Forwarded-For") == ["127.0.0.1"]
+
+
+def test_forwarded_for_from_a_trusted_proxy_is_appended_to(procs: ProcessPool) -> None:
+    app = procs.local_app()
+    srv = procs.server("--trust-forwarded", "127.0.0.0/8")
+    procs.client(srv, app)
+    j = echo(srv, "GET", "/fwd2", [("X-Forwarded-For", "203.0.113.9")])
     chain = [s.strip() for s in ", ".join(app_headers(j, "X-Forwarded-For")).split(",")]
     assert chain == ["203.0.113.9", "127.0.0.1"]
 

@@ -12,7 +12,6 @@ import signal
 import socket
 
 from tornado import httputil
-from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 from tornado.routing import Matcher, Rule
 from tornado.web import Application
@@ -22,8 +21,10 @@ from ..auth import create_authorizer
 from ..auth.none import NoAuth
 from ..config import ServerConfig
 from .gate import Gate
+from .listener import Server
 from .passthrough import PassthroughHandler
 from .public import PublicHandler
+from .screen import HARD_HEADER_LIMIT, HeadScreen
 from .tunnel import TunnelHandler, Tunnels
 
 log = logging.getLogger("backstream.server")
@@ -37,23 +38,29 @@ class _HasClientHeader(Matcher):
         return {} if protocol.CLIENT_HEADER in request.headers else None
 
 
+class _ScreenedApplication(Application):
+    """Routes only the request heads that ``HeadScreen`` lets through."""
+
+    def start_request(
+        self, server_conn: object, request_conn: httputil.HTTPConnection
+    ) -> httputil.HTTPMessageDelegate:
+        return HeadScreen(super().start_request(server_conn, request_conn), request_conn)
+
+
 def make_app(config: ServerConfig, tunnels: Tunnels, gate: Gate | None) -> Application:
     """The Tornado application relaying public requests to ``tunnels``."""
-    public = {
+    relayed = {
         "gate": gate,
         "tunnels": tunnels,
-        "no_client_code": config.no_client_code,
         "timeout": config.timeout,
-        "max_body_size": config.max_body_size,
+        "no_client_code": config.no_client_code,
+        "trusted": config.trust_forwarded,
     }
-    return Application(
+    public = {**relayed, "max_body_size": config.max_body_size}
+    return _ScreenedApplication(
         [
             Rule(_HasClientHeader(), TunnelHandler, {"tunnels": tunnels, "gate": gate}),
-            Rule(
-                _IsWebSocketUpgrade(),
-                PassthroughHandler,
-                {"tunnels": tunnels, "timeout": config.timeout, "gate": gate},
-            ),
+            Rule(_IsWebSocketUpgrade(), PassthroughHandler, relayed),
             Rule(_Anything(), PublicHandler, public),
         ],
         websocket_ping_interval=config.ping_interval or None,
@@ -88,9 +95,10 @@ async def run_server(config: ServerConfig) -> None:
         await gate.warn_missing()
     tunnels = Tunnels()
     app = make_app(config, tunnels, gate)
-    server = HTTPServer(
+    server = Server(
         app,
         chunk_size=CHUNK_SIZE,
+        max_header_size=HARD_HEADER_LIMIT,
         # Bodies are streamed, never held: the limit is ours (413), not Tornado's.
         max_body_size=config.max_body_size or 1 << 62,
         idle_connection_timeout=3600,

@@ -26,17 +26,21 @@ class Gate:
     def __init__(self, authorizer: Authorizer) -> None:
         self.authorizer = authorizer
 
-    async def check_client(self, request: HTTPServerRequest) -> None:
-        await self._check(CLIENT_PACKAGE, request)
+    async def check_client(self, request: HTTPServerRequest, target: str) -> None:
+        await self._check(CLIENT_PACKAGE, request, target)
 
-    async def check_public(self, request: HTTPServerRequest) -> None:
-        await self._check(SERVER_PACKAGE, request)
+    async def check_public(self, request: HTTPServerRequest, target: str) -> None:
+        """``target`` is the origin-form target the local app will receive."""
+        await self._check(SERVER_PACKAGE, request, target)
 
-    async def _check(self, package: str, request: HTTPServerRequest) -> None:
+    async def _check(self, package: str, request: HTTPServerRequest, target: str) -> None:
+        # The policy sees the target as forwarded, never Tornado's parse of an
+        # absolute-form one ("http://x/admin" would be a path no rule matches).
+        path, _, query = target.partition("?")
         document = build_input(
             request.method or "",
-            request.path,
-            urllib.parse.parse_qsl(request.query, keep_blank_values=True),
+            path,
+            urllib.parse.parse_qsl(query, keep_blank_values=True),
             list(request.headers.get_all()),
             request.remote_ip or "",
             request.host,
@@ -47,7 +51,7 @@ class Gate:
                 "policy evaluation failed package=%s %s %s remote=%s: %s",
                 package,
                 request.method,
-                request.path,
+                path,
                 request.remote_ip,
                 decision.error,
             )
@@ -57,7 +61,7 @@ class Gate:
                 "denied by policy package=%s %s %s remote=%s: %s",
                 package,
                 request.method,
-                request.path,
+                path,
                 request.remote_ip,
                 decision.detail,
             )

@@ -33,10 +33,19 @@ class PassthroughHandler(WebSocketHandler):
     app_subprotocol: str | None = None
     pump: asyncio.Task[None] | None = None
 
-    def initialize(self, tunnels: Tunnels, timeout: float, gate: Gate | None = None) -> None:
+    def initialize(
+        self,
+        tunnels: Tunnels,
+        timeout: float,
+        no_client_code: int = 503,
+        gate: Gate | None = None,
+        trusted: tuple[relay.Network, ...] = (),
+    ) -> None:
         self.tunnels = tunnels
         self.timeout = timeout
+        self.no_client_code = no_client_code
         self.gate = gate
+        self.trusted = trusted
 
     @property
     def max_message_size(self) -> int:
@@ -48,27 +57,42 @@ class PassthroughHandler(WebSocketHandler):
 
     async def prepare(self) -> None:
         request = self.request
+        # Judged before relaying, so the local app never opens a WebSocket that
+        # Tornado's get() would then refuse on the public side.
+        problem = relay.websocket_handshake_problem(
+            request.method or "", list(request.headers.get_all())
+        )
+        if problem is not None:
+            status, text = problem
+            if status == 426:
+                self.set_header("Sec-WebSocket-Version", "13")
+            self._answer(status, text + "\n", errors.StreamError(text, status=status))
+            return
         try:
-            if self.gate is not None:
-                await self.gate.check_public(request)
             target = relay.origin_form(request.uri or "")
+            if self.gate is not None:
+                await self.gate.check_public(request, target)
             tunnel = self.tunnels.pick()
             if tunnel is None:
-                raise errors.NoClient("no tunnel client connected")
+                raise errors.NoClient("no tunnel client connected", status=self.no_client_code)
         except errors.StreamError as e:
             self._answer(e.status, e.reason + "\n", e)
             return
         except ValueError as e:
             self._answer(400, str(e) + "\n", errors.StreamError(str(e), status=400))
             return
-        self.stream = stream = tunnel.relay_request(request, target, 0, self.timeout, upgrade=True)
+        trusted = relay.is_trusted(request.remote_ip or "", self.trusted)
+        self.stream = stream = tunnel.relay_request(
+            request, target, 0, self.timeout, upgrade=True, trusted=trusted
+        )
         try:
             head = await stream.response_head()
             if head.status != 101:
                 await self._relay_refusal(stream, head)
                 return
         except errors.StreamError as e:
-            stream.close()
+            if not stream.closed:
+                stream.reset(e)
             self._answer(e.status, e.reason + "\n", e)
             return
         for name, value in head.headers:
@@ -76,11 +100,14 @@ class PassthroughHandler(WebSocketHandler):
                 self.app_subprotocol = value.strip()
 
     async def _relay_refusal(self, stream: ServerStream, head: protocol.ResponseHead) -> None:
-        """The local app did not upgrade: pass its answer back as it is."""
+        """The local app did not upgrade: pass its answer back as it is.
+
+        The body is held whole, so no credit is granted back: a client can
+        send one window of it at most.
+        """
         body: list[bytes] = []
         while (chunks := await stream.read()) is not None:
             body.extend(chunks)
-            stream.consumed(sum(len(chunk) for chunk in chunks))
         stream.close()
         self.set_status(head.status, head.reason or None)
         for name, value in head.headers:
@@ -129,6 +156,13 @@ class PassthroughHandler(WebSocketHandler):
             await stream.send_message(data, text=isinstance(message, str))
         except errors.StreamError:
             self.close(1011, "tunnel lost")
+
+    def on_finish(self) -> None:
+        # Tornado's get() may still refuse the upgrade after prepare() relayed it:
+        # then the client must close the WebSocket it opened to the local app.
+        stream = self.stream
+        if stream is not None and not stream.closed and self.ws_connection is None:
+            stream.reset(errors.Cancelled("public upgrade refused"))
 
     def on_close(self) -> None:
         stream = self.stream

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 from tornado import httputil, iostream
 from tornado.web import RequestHandler, stream_request_body
@@ -34,6 +33,20 @@ class _AnyMethod:
         return True
 
 
+class _RelayedMethod(str):
+    """A method token whose ``lower()`` names the relay.
+
+    Tornado calls ``getattr(handler, request.method.lower())()`` once the body
+    is in: a request with method ``FINISH``, ``FLUSH`` or ``PREPARE`` would call
+    those handler methods instead of relaying. The value is unchanged.
+    """
+
+    __slots__ = ()
+
+    def lower(self) -> str:
+        return "relay"
+
+
 @stream_request_body
 class PublicHandler(RequestHandler):
     SUPPORTED_METHODS = _AnyMethod()  # type: ignore[assignment]
@@ -48,22 +61,19 @@ class PublicHandler(RequestHandler):
         timeout: float,
         max_body_size: int,
         gate: Gate | None = None,
+        trusted: tuple[relay.Network, ...] = (),
     ) -> None:
         self.tunnels = tunnels
         self.no_client_code = no_client_code
         self.timeout = timeout
         self.max_body_size = max_body_size
         self.gate = gate
+        self.trusted = trusted
         self.started = time.monotonic()
+        self.target = ""
         self.body_length = 0
         self.body_received = 0
         self.body_sent = 0
-
-    def __getattr__(self, name: str) -> Any:
-        # Tornado calls getattr(self, method.lower()) once the body is in.
-        if name == self.request.method.lower():
-            return self.relay
-        raise AttributeError(name)
 
     def clear(self) -> None:
         # The response is the local app's: none of Tornado's default headers,
@@ -78,15 +88,17 @@ class PublicHandler(RequestHandler):
 
     async def prepare(self) -> None:
         request = self.request
+        request.method = _RelayedMethod(request.method or "")
         # Heads and bodies often go out as separate writes: without this, Nagle's
         # algorithm holds the second one for the caller's delayed ACK (40 ms).
         # Per request, since Tornado turns it off again after each response.
         request.connection.stream.set_nodelay(True)  # type: ignore[union-attr]
-        self.body_length = body_length = _body_length(request.headers)
         try:
+            # HeadScreen refused invalid framing already: this cannot raise.
+            self.body_length = body_length = relay.body_length(request.headers.get_all())
+            self.target = target = relay.origin_form(request.uri or "")
             if self.gate is not None:
-                await self.gate.check_public(request)
-            target = relay.origin_form(request.uri or "")
+                await self.gate.check_public(request, target)
             if self.max_body_size and body_length > self.max_body_size:
                 raise errors.BodyTooLarge(f"Content-Length {body_length} > {self.max_body_size}")
             tunnel = self.tunnels.pick()
@@ -98,7 +110,10 @@ class PublicHandler(RequestHandler):
         except ValueError as e:
             await self.refuse(errors.StreamError(str(e), status=400))
             return
-        self.stream = tunnel.relay_request(request, target, body_length, self.timeout)
+        trusted = relay.is_trusted(request.remote_ip or "", self.trusted)
+        self.stream = tunnel.relay_request(
+            request, target, body_length, self.timeout, trusted=trusted
+        )
 
     async def refuse(self, error: errors.StreamError) -> None:
         """Answer a request refused at header time, at once.
@@ -150,10 +165,14 @@ class PublicHandler(RequestHandler):
                 # (server-sent events, long polls), and Tornado must not
                 # rewrite the headers of a body-less response in finish().
                 await self.flush()
-            promised = _content_length(head.headers)
+            # The server, not the client, decides what follows the head.
+            no_body = self.request.method == "HEAD" or head.status in (204, 304)
+            promised = 0 if no_body else _content_length(head.headers)
             while (chunks := await stream.read()) is not None:
                 size = 0
                 for chunk in chunks:  # flush() joins them: one copy, not two
+                    if promised is not None and self.body_sent + size + len(chunk) > promised:
+                        chunk = chunk[: promised - self.body_sent - size]
                     self.write(chunk)
                     size += len(chunk)
                 self.body_sent += size
@@ -162,6 +181,10 @@ class PublicHandler(RequestHandler):
                 if not stream.complete():  # the last piece goes out with finish()
                     await self.flush()
                 stream.consumed(size)
+            if promised is not None and self.body_sent < promised:
+                raise errors.ClientLost(
+                    f"response ended after {self.body_sent} of {promised} bytes"
+                )
         except errors.StreamError as e:
             self.fail(e)
             return
@@ -171,8 +194,6 @@ class PublicHandler(RequestHandler):
         finally:
             stream.close()
         self.finish()
-
-    get = head = post = delete = patch = put = options = relay
 
     def fail(self, error: errors.StreamError) -> None:
         """Answer with the error's status, or cut the connection if the head went out."""
@@ -216,11 +237,14 @@ class PublicHandler(RequestHandler):
     def on_finish(self) -> None:
         stream_id = self.stream.id if self.stream is not None else "-"
         elapsed = (time.monotonic() - self.started) * 1000
+        # The forwarded path (no query: it may hold tokens), or "-" for a target
+        # that was refused (it may be anything, "user:password@host" included).
+        path = self.target.partition("?")[0] or "-"
         if self.error is not None:
             access_log.info(
                 "%s %s stream=%s status=%d error=%r in=%d out=%d ms=%.1f",
                 self.request.method,
-                self.request.path,
+                path,
                 stream_id,
                 self.get_status(),
                 self.error.log_message,
@@ -232,7 +256,7 @@ class PublicHandler(RequestHandler):
             access_log.info(
                 "%s %s stream=%s status=%d in=%d out=%d ms=%.1f",
                 self.request.method,
-                self.request.path,
+                path,
                 stream_id,
                 self.get_status(),
                 self.body_received,
@@ -249,11 +273,3 @@ def _content_length(headers: list[tuple[str, str]]) -> int | None:
     return None
 
 
-def _body_length(headers: httputil.HTTPHeaders) -> int:
-    """0 for no body, N for Content-Length N, -1 for a chunked body."""
-    if "Transfer-Encoding" in headers:
-        return -1
-    value = headers.get("Content-Length")
-    if value is None:
-        return 0
-    return int(value)  # Tornado has already validated it

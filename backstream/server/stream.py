@@ -13,11 +13,15 @@ import collections
 import logging
 from typing import TYPE_CHECKING
 
-from .. import errors, protocol
+from .. import errors, protocol, relay
 from ..protocol import ResponseHead
 
 if TYPE_CHECKING:
     from .tunnel import Tunnel
+
+#: Bytes a tunnel may have queued for its socket before body senders wait: a client
+#: that stops reading stalls its streams instead of growing the server's memory.
+MAX_UNSENT = 8 * 1024 * 1024
 
 log = logging.getLogger("backstream.server")
 
@@ -35,6 +39,7 @@ class ServerStream:
         "_chunks",
         "_messages",
         "upgrade",
+        "body_open",
         "websocket",
         "close_info",
         "_ended",
@@ -55,6 +60,8 @@ class ServerStream:
         self._messages: collections.deque[protocol.Data] = collections.deque()
         #: A WebSocket upgrade was requested; once answered 101 the stream carries messages.
         self.upgrade = False
+        #: The request has a body whose end the client has not been sent yet.
+        self.body_open = False
         self.websocket = False
         #: The local app's close code and reason, once its WebSocket closed.
         self.close_info: tuple[int, str] = (1000, "")
@@ -69,11 +76,16 @@ class ServerStream:
     def on_response(self, head: ResponseHead) -> None:
         if self.response is not None:
             raise errors.ProtocolError(f"second RESPONSE on stream {self.id}")
+        try:  # the server decides the framing of what it relays, not the client
+            head.headers = relay.response_headers(head.status, head.headers, upgrade=self.upgrade)
+        except ValueError as e:
+            self.reset(errors.InvalidResponse(f"invalid response head from the client: {e}"))
+            return
         self.response = head
         self.websocket = self.upgrade and head.status == 101
         self._ended = head.end_stream
         self._cancel_timer()
-        self._wake()
+        self.wake()
 
     def on_data(self, frame: protocol.Data) -> None:
         if self.response is None:
@@ -89,19 +101,19 @@ class ServerStream:
         elif frame.data:
             self._chunks.append(frame.data)
         self._ended = frame.end_stream
-        self._wake()
+        self.wake()
 
     def on_window(self, increment: int) -> None:
         self.send_window.grant(increment)
         self._cancel_timer()
-        self._wake()
+        self.wake()
 
     def fail(self, error: errors.StreamError) -> None:
         """End the stream with ``error`` (the tunnel closed, the client reset it, ...)."""
         if self._error is None:
             self._error = error
         self._cancel_timer()
-        self._wake()
+        self.wake()
 
     # -- used by the public handler ---------------------------------------------
 
@@ -112,11 +124,16 @@ class ServerStream:
         has no reader any more, and waiting for credit would stall the answer.
         """
         view = memoryview(chunk)
+        tunnel = self.tunnel
         while view:
             if self._error is not None or self.response is not None:
                 return
             size = min(len(view), self.send_window.credit, protocol.MAX_CHUNK)
             if size == 0:
+                await self._wait()
+                continue
+            if tunnel.unsent > MAX_UNSENT:  # the client is not reading: stall, never buffer
+                tunnel.stalled.add(self)
                 await self._wait()
                 continue
             self.send_window.spend(size)
@@ -126,6 +143,7 @@ class ServerStream:
 
     def end_body(self) -> None:
         if self._error is None and self.response is None:
+            self.body_open = False
             self.tunnel.send(protocol.Data(self.id, b"", end_stream=True).encode())
 
     async def response_head(self) -> ResponseHead:
@@ -165,10 +183,16 @@ class ServerStream:
         """Send one WebSocket message to the local app, waiting for credit."""
         if self.closed:
             return
-        while not self.send_window.spend(len(data)):
+        while True:
             if self._error is not None:
                 raise self._error
-            await self._wait()
+            if self.tunnel.unsent > MAX_UNSENT:
+                self.tunnel.stalled.add(self)
+                await self._wait()
+            elif self.send_window.spend(len(data)):
+                break
+            else:
+                await self._wait()
         self.tunnel.send(protocol.Data(self.id, data, text=text).encode())
 
     def consumed(self, size: int) -> None:
@@ -185,10 +209,16 @@ class ServerStream:
         self.close()
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self._cancel_timer()
-            self.tunnel.forget(self.id)
+        if self.closed:
+            return
+        if self.body_open and self._error is None:
+            # Answered before the whole request body went out (the local app did
+            # not wait for it): the client's transfer would wait for it for ever.
+            error = errors.Cancelled("response complete before the request body")
+            self.tunnel.send(protocol.Reset(self.id, error.reset_code, error.log_message).encode())
+        self.closed = True
+        self._cancel_timer()
+        self.tunnel.forget(self.id)
 
     # -- waiting ----------------------------------------------------------------
 
@@ -200,7 +230,8 @@ class ServerStream:
             self._timer = asyncio.get_running_loop().call_later(self.timeout, self._on_timeout)
         return self._waiter
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
+        """Let a waiting sender or reader look at the stream again."""
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

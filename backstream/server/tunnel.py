@@ -2,22 +2,29 @@
 
 A ``Tunnel`` is one connected client: it numbers the streams it carries,
 routes incoming frames to them, and fails them all with 502 the moment the
-WebSocket closes. ``Tunnels`` hands each public request to exactly one tunnel,
-round robin.
+WebSocket closes. ``Tunnels`` groups them in pools by name (today only the
+default name ``""``); each public request goes to exactly one member of a
+pool, round robin. A pool belongs to the credentials of its first member:
+a client presenting other credentials is refused (409), so that nobody can
+join a tunnel and receive a share of its traffic.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
+import hmac
 import itertools
 import logging
+from collections.abc import Iterable
 
 from tornado.httputil import HTTPServerRequest
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from .. import errors, protocol, relay, websocket_writer
 from .gate import Gate
-from .stream import ServerStream
+from .stream import MAX_UNSENT, ServerStream
 
 log = logging.getLogger("backstream.server")
 
@@ -27,17 +34,30 @@ _tunnel_ids = itertools.count(1)
 HANDSHAKE_HEADERS = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions")
 
 
+def credential_of(authorization: Iterable[str]) -> bytes:
+    """A digest of a handshake's ``Authorization`` values: compared, never stored or logged."""
+    return hashlib.sha256("\n".join(authorization).encode("utf-8", "replace")).digest()
+
+
 class Tunnel:
     """One connected client and the streams in flight on it."""
 
-    def __init__(self, handler: TunnelHandler, remote: str) -> None:
+    def __init__(
+        self, handler: TunnelHandler, remote: str, name: str = "", credential: bytes = b""
+    ) -> None:
         self.id = next(_tunnel_ids)
         self.remote = remote
         self.handler = handler
+        self.name = name
+        self.credential = credential
         self.streams: dict[int, ServerStream] = {}
         self._next_stream_id = 1
         self._batch = protocol.Batch()
         self.open = True
+        #: Bytes written to the WebSocket's stream and not yet sent.
+        self.unsent = 0
+        #: Streams waiting for ``unsent`` to fall to ``MAX_UNSENT``.
+        self.stalled: set[ServerStream] = set()
 
     def open_stream(self, timeout: float) -> ServerStream:
         stream_id = self._next_stream_id
@@ -54,16 +74,23 @@ class Tunnel:
         timeout: float,
         *,
         upgrade: bool = False,
+        trusted: bool = False,
     ) -> ServerStream:
-        """Open a stream for a public request and send its head to the client."""
+        """Open a stream for a public request and send its head to the client.
+
+        ``trusted``: the request came through a proxy named by ``--trust-forwarded``.
+        """
         # Tornado answered any Expect itself; a WebSocket's handshake headers are
         # made anew by the client's own connection to the local app.
         drop = HANDSHAKE_HEADERS if upgrade else ("Expect",)
         headers = relay.strip_hop_by_hop(request.headers.get_all(), drop=drop)
         remote, host = request.remote_ip or "", request.host or ""
-        headers = relay.add_forwarded(headers, remote=remote, scheme=request.protocol, host=host)
+        headers = relay.add_forwarded(
+            headers, remote=remote, scheme=request.protocol, host=host, trusted=trusted
+        )
         stream = self.open_stream(timeout)
         stream.upgrade = upgrade
+        stream.body_open = body_length != 0
         method = request.method or "GET"
         self.send(
             protocol.RequestHead(
@@ -97,9 +124,21 @@ class Tunnel:
             return
         try:
             for pieces in messages:
-                websocket_writer.write_binary(self.handler.ws_connection, pieces)
+                size = sum(map(len, pieces))
+                written = websocket_writer.write_binary(self.handler.ws_connection, pieces)
+                self.unsent += size
+                written.add_done_callback(functools.partial(self._sent, size))
         except WebSocketClosedError:
             self.closed("connection lost while sending")
+
+    def _sent(self, size: int, written: asyncio.Future[None]) -> None:
+        if not written.cancelled():
+            written.exception()  # a closed stream is handled by on_close
+        self.unsent -= size
+        if self.stalled and self.unsent <= MAX_UNSENT:
+            for stream in self.stalled:
+                stream.wake()
+            self.stalled.clear()
 
     def receive(self, message: bytes) -> None:
         """Route the frames of one message; a protocol violation raises ProtocolError."""
@@ -129,34 +168,70 @@ class Tunnel:
         if not self.open:
             return
         self.open = False
+        self.stalled.clear()
         for stream in list(self.streams.values()):
             stream.fail(errors.ClientLost(f"tunnel {self.id} closed: {why}"))
         self.streams.clear()
 
 
-class Tunnels:
-    """The connected clients; each public request goes to exactly one."""
+class Pool:
+    """The tunnels serving one name, owned by the credentials of the first to connect."""
 
-    def __init__(self) -> None:
-        self._tunnels: list[Tunnel] = []
+    __slots__ = ("name", "owner", "members", "_turn")
+
+    def __init__(self, name: str, owner: bytes) -> None:
+        self.name = name
+        self.owner = owner
+        self.members: list[Tunnel] = []
         self._turn = 0
 
-    def __len__(self) -> int:
-        return len(self._tunnels)
-
-    def add(self, tunnel: Tunnel) -> None:
-        self._tunnels.append(tunnel)
-
-    def remove(self, tunnel: Tunnel) -> None:
-        if tunnel in self._tunnels:
-            self._tunnels.remove(tunnel)
+    def admits(self, credential: bytes) -> bool:
+        return hmac.compare_digest(self.owner, credential)
 
     def pick(self) -> Tunnel | None:
-        """The next tunnel in round-robin order, or None when none is connected."""
-        if not self._tunnels:
+        """The next member in round-robin order, or None when it has none."""
+        if not self.members:
             return None
-        self._turn = (self._turn + 1) % len(self._tunnels)
-        return self._tunnels[self._turn]
+        self._turn = (self._turn + 1) % len(self.members)
+        return self.members[self._turn]
+
+
+class Tunnels:
+    """The connected clients by name; each public request goes to exactly one."""
+
+    def __init__(self) -> None:
+        self._pools: dict[str, Pool] = {}
+
+    def __len__(self) -> int:
+        return sum(len(pool.members) for pool in self._pools.values())
+
+    def refusal(self, name: str, credential: bytes) -> str | None:
+        """Why a client with ``credential`` may not join ``name`` now, or None."""
+        pool = self._pools.get(name)
+        if pool is None or pool.admits(credential):
+            return None
+        shown = f"name {name}" if name else "the tunnel"
+        return f"{shown} is in use by a client with other credentials"
+
+    def add(self, tunnel: Tunnel) -> None:
+        """Join ``tunnel`` to its name's pool; check ``refusal`` first."""
+        pool = self._pools.get(tunnel.name)
+        if pool is None:
+            pool = self._pools[tunnel.name] = Pool(tunnel.name, tunnel.credential)
+        pool.members.append(tunnel)
+
+    def remove(self, tunnel: Tunnel) -> None:
+        pool = self._pools.get(tunnel.name)
+        if pool is None or tunnel not in pool.members:
+            return
+        pool.members.remove(tunnel)
+        if not pool.members:
+            del self._pools[tunnel.name]  # free for anyone: the name was only borrowed
+
+    def pick(self, name: str = "") -> Tunnel | None:
+        """A tunnel for a request to ``name``, or None when none is connected."""
+        pool = self._pools.get(name)
+        return pool.pick() if pool is not None else None
 
 
 class TunnelHandler(WebSocketHandler):
@@ -164,22 +239,35 @@ class TunnelHandler(WebSocketHandler):
 
     tunnels: Tunnels
     tunnel: Tunnel | None = None
+    credential = b""
 
     def initialize(self, tunnels: Tunnels, gate: Gate | None = None) -> None:
         self.tunnels = tunnels
         self.gate = gate
 
     async def prepare(self) -> None:
-        problem = protocol.check_version(self.request.headers.get(protocol.CLIENT_HEADER))
+        request = self.request
+        problem = protocol.check_version(request.headers.get(protocol.CLIENT_HEADER))
         if problem is not None:
-            log.warning("refused tunnel client remote=%s: %s", self.request.remote_ip, problem)
+            log.warning("refused tunnel client remote=%s: %s", request.remote_ip, problem)
             self._refuse(400, problem)
             return
         if self.gate is not None:
             try:
-                await self.gate.check_client(self.request)
+                await self.gate.check_client(request, relay.origin_form(request.uri or "/"))
             except errors.StreamError as e:
                 self._refuse(e.status, e.reason)
+                return
+            except ValueError as e:
+                self._refuse(400, str(e))
+                return
+        self.credential = credential_of(request.headers.get_list("Authorization"))
+        refusal = self.tunnels.refusal("", self.credential)
+        if refusal is not None:
+            log.warning(
+                "refused tunnel client remote=%s status=409: %s", request.remote_ip, refusal
+            )
+            self._refuse(409, refusal)
 
     def _refuse(self, status: int, message: str) -> None:
         """Answer the handshake with an error instead of upgrading."""
@@ -192,8 +280,13 @@ class TunnelHandler(WebSocketHandler):
         return True
 
     def open(self, *args: str, **kwargs: str) -> None:
+        refusal = self.tunnels.refusal("", self.credential)
+        if refusal is not None:  # another owner connected while this one was upgrading
+            log.warning("refused tunnel client remote=%s: %s", self.request.remote_ip, refusal)
+            self.close(4409, refusal[:120])
+            return
         self.set_nodelay(True)
-        self.tunnel = Tunnel(self, self.request.remote_ip or "")
+        self.tunnel = Tunnel(self, self.request.remote_ip or "", "", self.credential)
         self.tunnels.add(self.tunnel)
         log.info(
             "client connected tunnel=%d remote=%s clients=%d",
