@@ -4,18 +4,23 @@ Tornado's HTTP/1 parser checks ``Content-Length`` and ``Transfer-Encoding``
 only when it starts reading the body, which is after a streaming handler's
 ``prepare()`` has run, and so after the head was relayed to the local app.
 A non-streaming handler (the WebSocket ones) gets its body buffered whole
-before ``prepare()``. So the head is judged first, by ``relay.head_problem``:
-a refused request is answered here (400 or 431), none of its body is read,
-and the connection is closed after the answer, since its framing is void.
+before ``prepare()``. So the head is judged first, by ``relay.head_problem``.
+A refused request is answered here (400 or 431) and its connection taken
+from Tornado: nothing after the head is parsed (its framing is void, so the
+rest could only be misread as another request), and the connection closes
+after a short lingering read, so that the answer is not lost to a reset.
 """
 
 from __future__ import annotations
 
+import asyncio
 import http
 import logging
+import socket
 from collections.abc import Awaitable
 
-from tornado import httputil
+from tornado import gen, httputil, iostream
+from tornado.http1connection import HTTP1Connection
 
 from .. import protocol, relay
 
@@ -24,6 +29,12 @@ access_log = logging.getLogger("backstream.access")
 #: Tornado reads a header block up to this size; past it the connection is cut
 #: unanswered (reading more to answer would be what the attack wants).
 HARD_HEADER_LIMIT = 256 * 1024
+#: After a refusal, what the caller still sends is read and dropped, up to this much...
+LINGER_BYTES = 1024 * 1024
+#: ... for at most this many seconds, before the connection is closed.
+LINGER_SECONDS = 2.0
+
+_closing: set[asyncio.Task[None]] = set()
 
 
 class HeadScreen(httputil.HTTPMessageDelegate):
@@ -49,22 +60,10 @@ class HeadScreen(httputil.HTTPMessageDelegate):
         )
         pairs = list(headers.get_all())
         problem = relay.head_problem(start_line.method, start_line.path, pairs, handshake=handshake)
-        if problem is None:
+        if problem is None or not isinstance(self.connection, HTTP1Connection):
             return self.inner.headers_received(start_line, headers)
         self.refused = True
         status, reason = problem
-        # Tornado must read no body: its framing is void, or it is not wanted.
-        for name in ("Content-Length", "Transfer-Encoding"):
-            if name in headers:
-                del headers[name]
-        body = (reason + "\n").encode()
-        answer = httputil.HTTPHeaders()
-        answer.add("Content-Type", "text/plain; charset=utf-8")
-        answer.add("Content-Length", str(len(body)))
-        answer.add("Connection", "close")
-        line = httputil.ResponseStartLine("HTTP/1.1", status, http.HTTPStatus(status).phrase)
-        self.connection.write_headers(line, answer, body)
-        self.connection.finish()  # the read is not finished: Tornado closes after writing
         access_log.info(
             "%s %s stream=- status=%d error=%r",
             start_line.method,
@@ -72,6 +71,15 @@ class HeadScreen(httputil.HTTPMessageDelegate):
             status,
             reason,
         )
+        body = (reason + "\n").encode()
+        answer = (
+            f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode() + body
+        task = asyncio.ensure_future(answer_and_close(self.connection.detach(), answer))
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
         return None
 
     def data_received(self, chunk: bytes) -> Awaitable[None] | None:
@@ -84,3 +92,28 @@ class HeadScreen(httputil.HTTPMessageDelegate):
     def on_connection_close(self) -> None:
         if not self.refused:
             self.inner.on_connection_close()
+
+
+async def answer_and_close(stream: iostream.IOStream, answer: bytes) -> None:
+    """Write ``answer``, then read and drop what the caller still sends, then close.
+
+    Closing a socket with unread bytes sends a reset, which can destroy the
+    answer before the caller read it; so the write side is shut first and the
+    rest is drained, bounded in bytes and time (a "lingering close").
+    """
+    try:
+        await stream.write(answer)
+        stream.socket.shutdown(socket.SHUT_WR)
+        deadline = asyncio.get_running_loop().time() + LINGER_SECONDS
+        drained = 0
+        while drained < LINGER_BYTES:
+            chunk = await gen.with_timeout(
+                deadline,
+                stream.read_bytes(64 * 1024, partial=True),
+                quiet_exceptions=iostream.StreamClosedError,
+            )
+            drained += len(chunk)
+    except (iostream.StreamClosedError, TimeoutError, OSError):
+        pass
+    finally:
+        stream.close()
