@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 import configargparse
 
-from . import __version__, heap, masking
+from . import __version__, heap, masking, redact
 from .config import ClientConfig, ServerConfig, parse_addr, server_ws_url, split_destination
 from .errors import ConfigError
 from .logs import LEVELS, setup_logging
@@ -72,7 +72,7 @@ def _status(text: str) -> int:
 
 
 def _add_logging(parser: Any, defaults: bool) -> None:
-    def default(value: str) -> Any:
+    def default(value: Any) -> Any:
         return value if defaults else argparse.SUPPRESS
 
     group = parser.add_argument_group("logging")
@@ -90,6 +90,22 @@ def _add_logging(parser: Any, defaults: bool) -> None:
         default=default("stderr"),
         env_var="BACKSTREAM_LOG_OUTPUT",
         help="stderr, stdout or a file path (default: stderr)",
+    )
+    group.add_argument(
+        "--mask-header",
+        action="append",
+        default=default([]),
+        metavar="NAME",
+        help="another header whose values are masked in logs and HAR files, repeatable "
+        "(env BACKSTREAM_MASK_HEADER: comma separated)",
+    )
+    group.add_argument(
+        "--mask-query",
+        action="append",
+        default=default([]),
+        metavar="NAME",
+        help="another query parameter whose values are masked, repeatable "
+        "(env BACKSTREAM_MASK_QUERY: comma separated)",
     )
 
 
@@ -365,6 +381,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
             config = client_config(args)
             runner = run_client
+        redact.configure(
+            args.mask_header or _env_list("BACKSTREAM_MASK_HEADER", ",\n"),
+            args.mask_query or _env_list("BACKSTREAM_MASK_QUERY", ",\n"),
+        )
         setup_logging(args.log_level, args.log_format, args.log_output)
         heap.keep_freed_buffers()
         masking.install()

@@ -1,8 +1,8 @@
 """HAR 1.2 recording on the client: one file per relayed request.
 
 Bodies are kept only up to a cap (the rest is counted, not stored), so a
-200 MiB download costs at most the cap in memory. Secret headers are masked
-unless the user asked for unmasked files.
+200 MiB download costs at most the cap in memory. Secret headers and query
+parameters (``redact``) are masked unless the user asked for unmasked files.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 import urllib.parse
 from typing import Any
 
-from . import __version__, protocol, relay
+from . import __version__, protocol, redact, relay
 from .config import ClientConfig
 
 log = logging.getLogger("backstream.client")
@@ -99,24 +99,25 @@ class HarRecorder:
         return HarEntry(self, head, url)
 
     def _headers(self, headers: list[tuple[str, str]]) -> list[dict[str, str]]:
-        shown = headers if self.unmasked else relay.mask_headers(headers)
+        shown = headers if self.unmasked else redact.current().mask_headers(headers)
+        return [{"name": n, "value": v} for n, v in shown]
+
+    def _query(self, url: str) -> list[dict[str, str]]:
+        pairs = urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query, keep_blank_values=True)
+        shown = pairs if self.unmasked else redact.current().mask_query(pairs)
         return [{"name": n, "value": v} for n, v in shown]
 
     def write(self, entry: HarEntry, error: str | None) -> None:
         head = entry.head
         total = (time.monotonic() - entry.started_mono) * 1000
         wait = (entry.waited or 0) * 1000
-        query = urllib.parse.urlsplit(entry.url).query
         request: dict[str, Any] = {
             "method": head.method,
-            "url": entry.url,
+            "url": entry.url if self.unmasked else redact.current().mask_target(entry.url),
             "httpVersion": "HTTP/1.1",
             "cookies": [],
             "headers": self._headers(head.headers),
-            "queryString": [
-                {"name": n, "value": v}
-                for n, v in urllib.parse.parse_qsl(query, keep_blank_values=True)
-            ],
+            "queryString": self._query(entry.url),
             "headersSize": -1,
             "bodySize": entry.request.size,
         }

@@ -3,9 +3,9 @@
 Loggers are named per concern, as Tornado does: ``backstream.server``,
 ``backstream.client``, ``backstream.access`` (one line per relayed request),
 ``backstream.auth``. Messages use ``key=value`` pairs so that both formats stay
-greppable. Whatever a line says, the values of ``Authorization``, ``Cookie``,
-``Set-Cookie`` and ``Proxy-Authorization`` (and bearer tokens) are masked by a
-filter on the handler, the last place every line passes through.
+greppable. Whatever a line says, secret header values, credentials and query
+tokens (``redact``) are masked by a filter on the handler, the last place every
+line passes through, Tornado's included.
 """
 
 from __future__ import annotations
@@ -17,53 +17,8 @@ import sys
 import time
 from typing import Any
 
+from . import redact
 from .errors import ConfigError
-
-_SECRET_RE = re.compile(
-    r"""(?ix)
-    (
-      (?:proxy-)?authorization|set-cookie|cookie   # a secret header name
-    )
-    (['"]?\s*[:=,]\s*['"]?)                         # a separator, maybe quoted
-    ([^'"\r\n]*)                                    # its value, up to a quote or EOL
-    """
-)
-_BEARER_RE = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
-#: Query parameters whose values are credentials, in any URL a line quotes.
-SECRET_QUERY = (
-    "access_token",
-    "refresh_token",
-    "id_token",
-    "token",
-    "api_key",
-    "apikey",
-    "key",
-    "sig",
-    "signature",
-    "secret",
-    "client_secret",
-    "password",
-)
-_QUERY_RE = re.compile(
-    r"(?i)([?&;](?:" + "|".join(SECRET_QUERY) + r")=)([^&;#\s'\"]*)"
-)
-
-MASK = "***"
-
-
-#: Cheap pre-check: a line without any of these words has no secret header to mask.
-_TRIGGERS = ("auth", "cookie", "bearer", "basic")
-
-
-def mask_secrets(text: str) -> str:
-    """Replace secret header values, credentials and query tokens with ``***``."""
-    if "?" in text:
-        text = _QUERY_RE.sub(lambda m: m.group(1) + MASK, text)
-    lowered = text.lower()
-    if not any(word in lowered for word in _TRIGGERS):
-        return text
-    text = _SECRET_RE.sub(lambda m: m.group(1) + m.group(2) + MASK, text)
-    return _BEARER_RE.sub(lambda m: m.group(1) + " " + MASK, text)
 
 
 def _without_detail(error: BaseException) -> str:
@@ -81,7 +36,7 @@ class MaskingFilter(logging.Filter):
                 _without_detail(a) if isinstance(a, Exception) else a for a in record.args
             )
         # Keep the formatted text, so the formatter does not format it again.
-        record.msg, record.args = mask_secrets(record.getMessage()), None
+        record.msg, record.args = redact.current().mask_text(record.getMessage()), None
         return True
 
 
@@ -114,7 +69,7 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         if record.exc_info:
-            entry["error"] = mask_secrets(self.formatException(record.exc_info))
+            entry["error"] = redact.current().mask_text(self.formatException(record.exc_info))
         return json.dumps(entry, ensure_ascii=False)
 
 
@@ -127,7 +82,7 @@ class TextFormatter(logging.Formatter):
         return f"{self._stamp(record.created)},{int(record.msecs):03d}"
 
     def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
-        return mask_secrets(super().formatException(ei))
+        return redact.current().mask_text(super().formatException(ei))
 
 
 LEVELS = ("debug", "info", "warning", "error")

@@ -29,9 +29,6 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-#: Headers whose values are secrets: masked in logs and HAR files.
-SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
-
 VIA = "1.1 backstream"
 
 
@@ -88,6 +85,45 @@ def parse_networks(text: str) -> tuple[Network, ...]:
         except ValueError:
             raise ValueError(f"invalid network {part!r}: expected an address or CIDR") from None
     return tuple(networks)
+
+
+def client_address(peer: str, forwarded: Sequence[str], networks: Sequence[Network]) -> str:
+    """The caller's address, for policies: ``peer``, unless ``peer`` is a trusted proxy.
+
+    Then it is the right-most entry of ``forwarded`` (the ``X-Forwarded-For``
+    values, or ``forwarded_for`` of ``Forwarded``) that is not itself a trusted
+    proxy: each trusted proxy appends the address it saw, so entries further
+    left were written by the caller and prove nothing. When every entry is
+    trusted, the left-most one.
+    """
+    if not is_trusted(peer, networks):
+        return peer
+    chain = [_bare_address(a) for value in forwarded for a in value.split(",") if a.strip()]
+    for address in reversed(chain):
+        if not is_trusted(address, networks):
+            return address
+    return chain[0] if chain else peer
+
+
+def forwarded_for(values: Sequence[str]) -> list[str]:
+    """The ``for=`` addresses of ``Forwarded`` header values (RFC 7239), in order."""
+    found = []
+    for value in values:
+        for element in value.split(","):
+            for pair in element.split(";"):
+                name, sep, address = pair.partition("=")
+                if sep and name.strip().lower() == "for":
+                    found.append(address.strip())
+    return found
+
+
+def _bare_address(entry: str) -> str:
+    """``"[::1]:80"`` -> ``"::1"``, ``"1.2.3.4:5"`` -> ``"1.2.3.4"`` (ports are sometimes kept)."""
+    entry = entry.strip().strip('"')
+    if entry.startswith("["):
+        return entry[1:].partition("]")[0]
+    host, sep, port = entry.rpartition(":")
+    return host if sep and "." in host and port.isdigit() else entry
 
 
 def is_trusted(remote: str, networks: Sequence[Network]) -> bool:
@@ -151,6 +187,14 @@ def body_length(headers: Iterable[tuple[str, str]]) -> int:
     return int(lengths[0])
 
 
+def content_length(headers: Iterable[tuple[str, str]]) -> int | None:
+    """The one valid ``Content-Length`` of a message, or None (absent, several, invalid)."""
+    values = [v for n, v in headers if n.lower() == "content-length"]
+    if len(values) == 1 and _DIGITS.fullmatch(values[0].strip()):
+        return int(values[0])
+    return None
+
+
 def head_problem(
     method: str, target: str, headers: Sequence[tuple[str, str]], *, handshake: bool
 ) -> tuple[int, str] | None:
@@ -210,6 +254,43 @@ def response_headers(status: int, headers: Headers, *, upgrade: bool) -> Headers
     return headers
 
 
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def normalize_path(path: str) -> str:
+    """The path as an app that decodes and resolves it may see it: for deny-lists.
+
+    Escapes of unreserved characters are decoded (``%61`` -> ``a``, ``%2e`` ->
+    ``.``), the others upper-cased (``%2f`` -> ``%2F``: an encoded slash stays
+    one); runs of slashes are merged; dot segments removed (RFC 3986 6.2.2,
+    5.2.4). Decoding happens once: ``%252e`` stays ``%252e``.
+    """
+    path = _ESCAPE.sub(_unescape_unreserved, path)
+    if "//" in path:
+        path = re.sub(r"/{2,}", "/", path)
+    segments = path.split("/")
+    if "." not in segments and ".." not in segments:
+        return path
+    out: list[str] = []
+    last = len(segments) - 1
+    for i, segment in enumerate(segments):
+        if segment == "..":
+            if len(out) > 1:
+                out.pop()
+        elif segment != ".":
+            out.append(segment)
+            continue
+        if i == last:
+            out.append("")  # "/a/.." -> "/", "/a/." -> "/a/"
+    return "/".join(out) or "/"
+
+
+def _unescape_unreserved(m: re.Match[str]) -> str:
+    char = chr(int(m.group(1), 16))
+    return char if char in _UNRESERVED else "%" + m.group(1).upper()
+
+
 def origin_form(target: str) -> str:
     """The path-and-query part of a request target, which must not change host.
 
@@ -231,11 +312,6 @@ def origin_form(target: str) -> str:
 def upstream_target(base_path: str, target: str) -> str:
     """The request target sent to the local app: the ``-d`` base path + origin-form."""
     return base_path.rstrip("/") + origin_form(target)
-
-
-def mask_headers(headers: Iterable[tuple[str, str]]) -> Headers:
-    """A copy of ``headers`` with secret values replaced, for logs and HAR files."""
-    return [(n, "***" if n.lower() in SECRET_HEADERS else v) for n, v in headers]
 
 
 def parse_header_line(text: str) -> tuple[str, str]:

@@ -126,6 +126,41 @@ class PolicyCases:
                 request("/webhooks/..%2Fadmin"),
                 request("/webhooks//admin"),
                 request("/webhooks/..\\admin"),
+                request("/%77ebhooks/..%2F..%2Fadmin"),
+                request("/webhooks/%2E%2E/%2e%2e/admin"),
+            ],
+        )
+
+    @gen_test
+    async def test_deny_paths_sees_every_spelling(self) -> None:
+        """A deny-list on path_normalized catches what a raw-path rule would miss."""
+        await self.load("deny-paths")
+        await self.check(
+            SERVER_PACKAGE,
+            [
+                request("/"),
+                request("/anything"),
+                request("/administrator-guide"),
+                request("/static/admin.css"),
+                request("/x/..y"),
+            ],
+            [
+                request(path)
+                for path in (
+                    "/admin",
+                    "/admin/users",
+                    "//admin",
+                    "/%61dmin",
+                    "/x/../admin",
+                    "/x/%2e%2e/admin/",
+                    "/./admin",
+                    "/ADMIN",
+                    "/Internal/metrics",
+                    "/admin;jsessionid=1",
+                    "/x/..%2Fadmin",
+                    "/x/..%5cadmin",
+                    "/x\\..\\admin",
+                )
             ],
         )
 
@@ -139,7 +174,7 @@ class PolicyCases:
 class TestRegoPolicies(PolicyCases, RegoBackend):
     def test_ip_allowlist_opa_is_refused_with_its_line(self) -> None:
         with self.assertRaisesRegex(
-            ConfigError, r"ip-allowlist-opa/server\.rego:15: net\.cidr_contains\(\).*opa"
+            ConfigError, r"ip-allowlist-opa/server\.rego:18: net\.cidr_contains\(\).*opa"
         ):
             RegoAuthorizer([os.path.join(POLICIES, "ip-allowlist-opa")])
 

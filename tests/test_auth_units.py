@@ -29,14 +29,17 @@ def test_build_input_document() -> None:
         [("authorization", "Bearer t"), ("X-API-KEY", "k"), ("x-tag", "1"), ("X-Tag", "2")],
         "192.0.2.1",
         "demo.example:8080",
+        "10.0.0.7",
     )
     assert doc == {
         "method": "POST",
         "path": "/hook",
+        "path_normalized": "/hook",
         "header": {"Authorization": "Bearer t", "X-Api-Key": "k", "X-Tag": "1"},
         "headers": {"Authorization": ["Bearer t"], "X-Api-Key": ["k"], "X-Tag": ["1", "2"]},
         "query": {"a": ["1", "2"], "b": [""]},
         "remote": "192.0.2.1",
+        "peer": "10.0.0.7",
         "host": "demo.example:8080",
     }
     assert canonical_header_name("www-authenticate") == "Www-Authenticate"

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from backstream import relay
+from backstream import redact, relay
 from backstream.client import backoff_delay
 from backstream.client.upstream import curl_header_lines
 from backstream.config import parse_addr, server_ws_url, split_destination
 from backstream.errors import ConfigError
-from backstream.logs import mask_secrets
+
+mask_secrets = redact.Redactor().mask_text
 
 
 def test_hop_by_hop_and_connection_named_headers_are_removed() -> None:
@@ -229,7 +230,7 @@ def test_chunked_post_asks_curl_for_chunked_encoding() -> None:
 
 
 def test_masking() -> None:
-    assert relay.mask_headers([("Authorization", "Bearer x"), ("X", "y")]) == [
+    assert redact.Redactor().mask_headers([("Authorization", "Bearer x"), ("X", "y")]) == [
         ("Authorization", "***"),
         ("X", "y"),
     ]
@@ -245,6 +246,78 @@ def test_query_tokens_are_masked_in_any_url_a_line_quotes() -> None:
         "Uncaught exception GET /cb?code=1&access_token=***&api_key=***;sig=*** uri='/x?token=***'"
     )
     assert mask_secrets("stream=1 status=200 token=abc") == "stream=1 status=200 token=abc"
+
+
+@pytest.mark.parametrize(
+    "line, hidden, kept",
+    [
+        ('Authorization: Digest username="bob", response="abcd"', ["bob", "abcd"], []),
+        ("{'Cookie': 'a=\"q1\"; b=q2', 'X-Other': 'keep'}", ["q1", "q2"], ["keep"]),
+        ('{"cookie": "a=\\"q3\\"", "x": "keep"}', ["q3"], ["keep"]),
+        (
+            "headers: Authorization: Bearer t1; Host: h; X-Api-Key: k1; Cookie: a=1; b=c1",
+            ["t1", "k1", "c1"],
+            ["Host: h"],
+        ),
+        ("x-auth-token=t2 x-amz-security-token: t3", ["t2", "t3"], []),
+    ],
+)
+def test_quoted_and_listed_secrets_are_masked_whole(
+    line: str, hidden: list[str], kept: list[str]
+) -> None:
+    masked = mask_secrets(line)
+    assert not [h for h in hidden if h in masked], masked
+    assert all(k in masked for k in kept), masked
+
+
+def test_mask_lists_grow_but_keep_their_defaults() -> None:
+    r = redact.Redactor(["X-Custom"], ["Session"])
+    assert r.mask_headers([("x-custom", "v"), ("Cookie", "c"), ("X", "y")]) == [
+        ("x-custom", "***"),
+        ("Cookie", "***"),
+        ("X", "y"),
+    ]
+    assert r.mask_target("/p?session=s&token=t&a=1") == "/p?session=***&token=***&a=1"
+    assert r.mask_query([("SESSION", "s"), ("a", "1")]) == [("SESSION", "***"), ("a", "1")]
+    assert redact.Redactor().mask_target("/p?session=s") == "/p?session=s"
+
+
+@pytest.mark.parametrize(
+    "path, normalized",
+    [
+        ("/anything", "/anything"),
+        ("//anything", "/anything"),
+        ("/%61nything", "/anything"),
+        ("/a/b/../c", "/a/c"),
+        ("/a/./b/", "/a/b/"),
+        ("/..", "/"),
+        ("/a/..", "/"),
+        ("/a/.", "/a/"),
+        ("/../../admin", "/admin"),
+        ("/x/%2e%2E/admin", "/admin"),
+        ("/x/..%2fadmin", "/x/..%2Fadmin"),  # an encoded slash stays one
+        ("/x%252e%252e/", "/x%252e%252e/"),  # decoded once only
+        ("/%7Euser/%20", "/~user/%20"),
+        ("/", "/"),
+    ],
+)
+def test_normalize_path(path: str, normalized: str) -> None:
+    assert relay.normalize_path(path) == normalized
+
+
+def test_client_address_behind_trusted_proxies() -> None:
+    trusted = relay.parse_networks("10.0.0.0/8")
+    address = relay.client_address
+    assert address("10.0.0.1", ["6.6.6.6, 203.0.113.9"], trusted) == "203.0.113.9"
+    assert address("10.0.0.1", ["203.0.113.9", "10.0.0.2"], trusted) == "203.0.113.9"
+    assert address("1.2.3.4", ["9.9.9.9"], trusted) == "1.2.3.4"  # untrusted peer
+    assert address("10.0.0.1", [], trusted) == "10.0.0.1"
+    assert address("10.0.0.1", ["10.0.0.5, 10.0.0.6"], trusted) == "10.0.0.5"
+    assert address("10.0.0.1", ["[2001:db8::1]:80"], trusted) == "2001:db8::1"
+    assert address("10.0.0.1", ["1.2.3.4:567"], trusted) == "1.2.3.4"
+    forwarded = relay.forwarded_for(['for=192.0.2.60;proto=http, for="[2001:db8::17]:4711"'])
+    assert forwarded == ["192.0.2.60", '"[2001:db8::17]:4711"']
+    assert address("10.0.0.1", forwarded, trusted) == "2001:db8::17"
 
 
 def test_header_flag_parsing() -> None:

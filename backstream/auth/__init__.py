@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from backstream.errors import ConfigError
+from backstream.relay import normalize_path
 
 CLIENT_PACKAGE = "auth.client"
 SERVER_PACKAGE = "auth.server"
@@ -136,13 +137,17 @@ def build_input(
     headers: Sequence[tuple[str, str]],
     remote: str,
     host: str,
+    peer: str | None = None,
 ) -> dict[str, Any]:
     """The policy input document (see doc/policy.md).
 
     ``query`` and ``headers`` are ordered (name, value) pairs. ``header`` keeps
     the first value of each canonical header name (what the original tool's
     policies read as ``input.header.Authorization``); ``headers`` keeps them all.
-    ``path`` is the raw path exactly as it will be forwarded, without the query.
+    ``path`` is the raw path exactly as it will be forwarded, without the query;
+    ``path_normalized`` the same decoded and resolved, for deny-lists.
+    ``remote`` is the caller (behind trusted proxies, from ``X-Forwarded-For``),
+    ``peer`` the TCP peer (``remote`` when not given).
     """
     header: dict[str, str] = {}
     all_headers: dict[str, list[str]] = {}
@@ -156,10 +161,12 @@ def build_input(
     return {
         "method": method,
         "path": path,
+        "path_normalized": normalize_path(path),
         "header": header,
         "headers": all_headers,
         "query": params,
         "remote": remote,
+        "peer": remote if peer is None else peer,
         "host": host,
     }
 

@@ -90,7 +90,7 @@ async def run_server(config: ServerConfig) -> None:
     authorizer = create_authorizer(
         config.auth, config.policy_paths, config.opa_url, config.opa_token
     )
-    gate = None if isinstance(authorizer, NoAuth) else Gate(authorizer)
+    gate = None if isinstance(authorizer, NoAuth) else Gate(authorizer, config.trust_forwarded)
     if gate is not None:
         await gate.warn_missing()
     tunnels = Tunnels()

@@ -14,7 +14,7 @@ import urllib.parse
 
 from tornado.httputil import HTTPServerRequest
 
-from .. import errors
+from .. import errors, relay
 from ..auth import CLIENT_PACKAGE, SERVER_PACKAGE, Authorizer, build_input
 
 log = logging.getLogger("backstream.auth")
@@ -23,8 +23,10 @@ log = logging.getLogger("backstream.auth")
 class Gate:
     """Asks the authorizer about each request; raises when it is not allowed."""
 
-    def __init__(self, authorizer: Authorizer) -> None:
+    def __init__(self, authorizer: Authorizer, trusted: tuple[relay.Network, ...] = ()) -> None:
         self.authorizer = authorizer
+        #: Proxies (``--trust-forwarded``) whose ``X-Forwarded-For`` names the caller.
+        self.trusted = trusted
 
     async def check_client(self, request: HTTPServerRequest, target: str) -> None:
         await self._check(CLIENT_PACKAGE, request, target)
@@ -37,13 +39,21 @@ class Gate:
         # The policy sees the target as forwarded, never Tornado's parse of an
         # absolute-form one ("http://x/admin" would be a path no rule matches).
         path, _, query = target.partition("?")
+        peer = remote = request.remote_ip or ""
+        if self.trusted:
+            headers = request.headers
+            chain = headers.get_list("X-Forwarded-For") or relay.forwarded_for(
+                headers.get_list("Forwarded")
+            )
+            remote = relay.client_address(peer, chain, self.trusted)
         document = build_input(
             request.method or "",
             path,
             urllib.parse.parse_qsl(query, keep_blank_values=True),
             list(request.headers.get_all()),
-            request.remote_ip or "",
+            remote,
             request.host,
+            peer,
         )
         decision = await self.authorizer.decide(package, document)
         if decision.error is not None:
@@ -52,7 +62,7 @@ class Gate:
                 package,
                 request.method,
                 path,
-                request.remote_ip,
+                remote,
                 decision.error,
             )
             raise errors.PolicyFailure(f"{package}: {decision.error}")
@@ -62,7 +72,7 @@ class Gate:
                 package,
                 request.method,
                 path,
-                request.remote_ip,
+                remote,
                 decision.detail,
             )
             raise errors.PolicyDenied(f"{package}: {decision.detail or 'denied'}")

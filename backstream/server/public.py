@@ -167,7 +167,7 @@ class PublicHandler(RequestHandler):
                 await self.flush()
             # The server, not the client, decides what follows the head.
             no_body = self.request.method == "HEAD" or head.status in (204, 304)
-            promised = 0 if no_body else _content_length(head.headers)
+            promised = 0 if no_body else relay.content_length(head.headers)
             while (chunks := await stream.read()) is not None:
                 size = 0
                 for chunk in chunks:  # flush() joins them: one copy, not two
@@ -263,13 +263,5 @@ class PublicHandler(RequestHandler):
                 self.body_sent,
                 elapsed,
             )
-
-
-def _content_length(headers: list[tuple[str, str]]) -> int | None:
-    """The response's Content-Length, if it has one valid value."""
-    values = [v for n, v in headers if n.lower() == "content-length"]
-    if len(values) == 1 and values[0].strip().isdigit():
-        return int(values[0])
-    return None
 
 

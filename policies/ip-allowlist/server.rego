@@ -2,6 +2,9 @@
 # The embedded engine has no net.cidr_contains, so IPv4 CIDRs are matched with
 # integer arithmetic here; IPv6 addresses are matched exactly (list them in
 # `addresses`). With OPA, ../ip-allowlist-opa is simpler and covers IPv6 ranges.
+# input.remote is the caller's address. Behind nginx or a cloud load balancer the
+# TCP peer is the proxy: start the server with --trust-forwarded <proxy CIDR> so
+# that input.remote is read from X-Forwarded-For, or this list admits everyone.
 package auth.server
 
 import rego.v1

@@ -1,0 +1,124 @@
+"""What counts as a secret in traffic, and how it is hidden wherever traffic is shown.
+
+One list of header names and one of query parameter names serve every place
+that shows a request: log lines (``logs.MaskingFilter``, Tornado's loggers
+included), the client's debug lines and HAR files. Each list has defaults and
+grows with ``--mask-header`` / ``--mask-query``; nothing can remove a default.
+A hidden value reads ``***``.
+
+``mask_text`` is the net under everything else: it finds ``Name: value``,
+``'Name': 'value'`` and ``name=value`` forms in any formatted line (quoted values
+are masked up to their closing quote, unquoted ones up to the end of the line
+or a following ``; Name: `` header),
+bearer and basic credentials, and secret query parameters in any URL.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+Headers = list[tuple[str, str]]
+
+MASK = "***"
+
+#: Request and response headers whose values are credentials.
+DEFAULT_HEADERS = (
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "x-api-key",
+    "api-key",
+    "x-auth-token",
+    "x-access-token",
+    "x-csrf-token",
+    "x-amz-security-token",
+    "x-goog-api-key",
+)
+#: Query parameters whose values are credentials.
+DEFAULT_QUERY = (
+    "access_token",
+    "refresh_token",
+    "id_token",
+    "token",
+    "api_key",
+    "apikey",
+    "key",
+    "sig",
+    "signature",
+    "secret",
+    "client_secret",
+    "password",
+)
+
+_CREDENTIAL_RE = re.compile(r"(?i)\b(bearer|basic|digest)\s+[A-Za-z0-9._~+/=-]+")
+
+
+class Redactor:
+    """Masks the configured headers and query parameters; immutable once built."""
+
+    def __init__(self, headers: Iterable[str] = (), query: Iterable[str] = ()) -> None:
+        self.headers = frozenset(DEFAULT_HEADERS) | {h.strip().lower() for h in headers if h}
+        self.query = frozenset(DEFAULT_QUERY) | {q.strip().lower() for q in query if q}
+        names = "|".join(re.escape(h) for h in sorted(self.headers, key=len, reverse=True))
+        self._header_re = re.compile(
+            rf"""(?ix)
+            (?<![\w-])({names})             # a secret header name
+            (['"]?\s*[:=,]\s*)              # a separator, maybe after a closing quote
+            (?:
+              (['"])((?:\\.|(?!\3).)*)\3    # a quoted value, up to its closing quote
+            | ((?:(?!;\s[\w-]+:\s)[^\r\n])*) # or up to "; Next-Header: " or the line's end
+            )
+            """
+        )
+        params = "|".join(re.escape(q) for q in sorted(self.query, key=len, reverse=True))
+        self._query_re = re.compile(rf"(?i)([?&;](?:{params})=)([^&;#\s'\"]*)")
+        # Cheap pre-check: a line with none of these has no secret header or credential.
+        triggers = {*self.headers, "bearer", "basic", "digest"}
+        self._trigger_re = re.compile("|".join(re.escape(t) for t in triggers), re.IGNORECASE)
+
+    def mask_headers(self, headers: Iterable[tuple[str, str]]) -> Headers:
+        """A copy of ``headers`` with secret values replaced."""
+        secret = self.headers
+        return [(n, MASK if n.lower() in secret else v) for n, v in headers]
+
+    def mask_query(self, pairs: Iterable[tuple[str, str]]) -> Headers:
+        """A copy of parsed query ``pairs`` with secret values replaced."""
+        secret = self.query
+        return [(n, MASK if n.lower() in secret else v) for n, v in pairs]
+
+    def mask_target(self, target: str) -> str:
+        """A URL or request target with secret query values replaced."""
+        if "?" not in target:
+            return target
+        return self._query_re.sub(lambda m: m.group(1) + MASK, target)
+
+    def mask_text(self, text: str) -> str:
+        """Any formatted line with secret values replaced."""
+        text = self.mask_target(text)
+        if self._trigger_re.search(text) is None:
+            return text
+        text = self._header_re.sub(_mask_header_match, text)
+        return _CREDENTIAL_RE.sub(lambda m: m.group(1) + " " + MASK, text)
+
+
+def _mask_header_match(m: re.Match[str]) -> str:
+    quote = m.group(3)
+    value = quote + MASK + quote if quote else MASK
+    return m.group(1) + m.group(2) + value
+
+
+_current = Redactor()
+
+
+def configure(headers: Iterable[str] = (), query: Iterable[str] = ()) -> Redactor:
+    """Extend the defaults for the whole process (the CLI calls this once)."""
+    global _current
+    _current = Redactor(headers, query)
+    return _current
+
+
+def current() -> Redactor:
+    """The process's redactor: defaults plus what ``configure`` added."""
+    return _current
