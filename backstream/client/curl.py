@@ -79,14 +79,18 @@ class UpstreamClient(CurlAsyncHTTPClient):
             curl.setopt(pycurl.CUSTOMREQUEST, request.method)
         request.prepare_curl_callback(curl)
 
+    def running(self, curl: Any, request: HTTPRequest) -> bool:
+        """Whether ``curl`` still carries ``request``'s transfer (it may serve another by now)."""
+        info = getattr(curl, "info", None)
+        return info is not None and getattr(info.get("request"), "request", None) is request
+
     def abort(self, curl: Any, request: HTTPRequest, why: str) -> None:
         """End ``request``'s transfer on ``curl`` now, if it is still running.
 
         Call this from the IOLoop, never from inside a libcurl callback.
         """
-        info = getattr(curl, "info", None)
-        if info is None or getattr(info.get("request"), "request", None) is not request:
+        if not self.running(curl, request):
             log.debug("abort: transfer already finished (%s)", why)
-            return  # finished already; the handle may serve another request by now
+            return
         log.debug("abort: ending transfer (%s)", why)
         self._finish(curl, pycurl.E_ABORTED_BY_CALLBACK, why)

@@ -26,7 +26,7 @@ import pycurl
 from tornado.curl_httpclient import CurlError
 from tornado.httpclient import HTTPRequest, HTTPResponse
 
-from .. import errors, protocol, relay
+from .. import errors, protocol, redact, relay
 from ..config import ClientConfig
 from .curl import UpstreamClient
 
@@ -98,6 +98,8 @@ class Exchange:
         self.response_headers: list[tuple[str, str]] = []
         #: Bytes of the response head so far (bounded like a request head).
         self.head_size = 0
+        #: The response's Content-Length (0 when it has no body), None if unknown.
+        self.response_length: int | None = None
         self.bytes_in = 0
         self.bytes_out = 0
         self.started = time.monotonic()
@@ -107,7 +109,8 @@ class Exchange:
     async def run(self, http_client: UpstreamClient) -> None:
         config = self.config
         if log.isEnabledFor(logging.DEBUG):
-            shown = "; ".join(f"{n}: {v}" for n, v in relay.mask_headers(self.head.headers))
+            masked = redact.current().mask_headers(self.head.headers)
+            shown = "; ".join(f"{n}: {v}" for n, v in masked)
             log.debug(
                 "stream=%d %s %s headers: %s", self.id, self.head.method, self.head.target, shown
             )
@@ -251,6 +254,32 @@ class Exchange:
         self.tunnel.send(head.encode())
         if self.har is not None:
             self.har.response(self.status, self.reason, self.response_headers)
+        self.response_length = 0 if self.end_sent else relay.content_length(headers)
+        self._check_upload_needed()
+
+    def _check_upload_needed(self) -> None:
+        """Once the whole response is in, an upload the local app stopped reading
+        would keep the transfer, and its --max-concurrency slot, for ever."""
+        if self.bytes_out == self.response_length and self.head.body_length != 0:
+            self.tunnel.loop.call_soon(self._end_unread_upload)  # getinfo() not from libcurl
+
+    def _end_unread_upload(self) -> None:
+        curl, client, request = self.curl, self.http_client, self.request
+        if self.cancelled or curl is None or client is None or request is None:
+            return
+        if not client.running(curl, request):
+            return  # the transfer completed: the app read the whole body
+        uploaded = curl.getinfo(pycurl.SIZE_UPLOAD_T)
+        if self.head.body_length > 0:  # curl stops reading at the length: END may come later
+            complete = uploaded >= self.head.body_length
+        else:
+            complete = self.upload_done and not self.upload and uploaded >= self.bytes_in
+        if complete:
+            return
+        if not self.end_sent:
+            self.end_sent = True
+            self.tunnel.send(protocol.Data(self.id, b"", end_stream=True).encode())
+        self.cancel("the local app answered without reading the whole request body")
 
     def _on_body(self, chunk: bytes) -> int | None:
         if self.cancelled:
@@ -262,6 +291,8 @@ class Exchange:
         self.tunnel.send(*protocol.Data(self.id, chunk).parts())
         if self.har is not None:
             self.har.response_body(chunk)
+        if self.bytes_out == self.response_length:
+            self._check_upload_needed()
         return None
 
     def _read_body(self, size: int) -> bytes | int:
