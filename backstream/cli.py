@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 import configargparse
 
-from . import __version__, heap, masking, redact
+from . import __version__, heap, masking, redact, routing
 from .config import ClientConfig, ServerConfig, parse_addr, server_ws_url, split_destination
 from .errors import ConfigError
 from .logs import LEVELS, setup_logging
@@ -208,6 +208,33 @@ def build_parser() -> Any:
         metavar="CIDR,...",
         help="proxies whose X-Forwarded-*/Forwarded headers are kept (default: none, replaced)",
     )
+    serve.add_argument(
+        "--domain",
+        default="",
+        env_var="BACKSTREAM_DOMAIN",
+        help="wildcard domain: a Host NAME.DOMAIN reaches the tunnel named NAME",
+    )
+    serve.add_argument(
+        "--public-url",
+        default="",
+        env_var="BACKSTREAM_PUBLIC_URL",
+        help="this server's public URL behind a TLS terminator, e.g. https://tunnel.example.com",
+    )
+    serve.add_argument(
+        "--name-grace",
+        type=_positive,
+        default=60.0,
+        env_var="BACKSTREAM_NAME_GRACE",
+        help="seconds a name stays reserved for its owner after its last client left "
+        "(default: 60)",
+    )
+    serve.add_argument(
+        "--max-tunnels",
+        type=_at_least_one,
+        default=1000,
+        env_var="BACKSTREAM_MAX_TUNNELS",
+        help="names one server holds at most (default: 1000)",
+    )
     _add_logging(serve, defaults=False)
 
     client = commands.add_parser(
@@ -301,6 +328,13 @@ def build_parser() -> Any:
         env_var="BACKSTREAM_MAX_BACKOFF",
         help="longest wait between reconnection attempts (default: 30)",
     )
+    client.add_argument(
+        "--name",
+        default="",
+        env_var="BACKSTREAM_NAME",
+        help="the tunnel name to claim, a DNS label (default: the server assigns one "
+        "when it has --domain)",
+    )
     _add_logging(client, defaults=False)
     return parser
 
@@ -327,6 +361,10 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         opa_token=args.opa_token,
         policy_reload=args.policy_reload,
         trust_forwarded=args.trust_forwarded,
+        domain=_checked(routing.normalize_domain, args.domain),
+        public_url=_public_url(args.public_url),
+        name_grace=args.name_grace,
+        max_tunnels=args.max_tunnels,
     )
 
 
@@ -351,7 +389,22 @@ def client_config(args: argparse.Namespace) -> ClientConfig:
         ping_timeout=args.ping_timeout,
         max_concurrency=args.max_concurrency,
         max_backoff=args.max_backoff,
+        name=_checked(routing.check_name, args.name) if args.name else "",
     )
+
+
+def _checked(check: Any, text: str) -> Any:
+    try:
+        return check(text)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _public_url(text: str) -> str:
+    url = text.strip().rstrip("/")
+    if url and (not re.match(r"https?://[^/?#]+$", url)):
+        raise ConfigError(f"invalid public URL {text!r}: expected http(s)://host[:port]")
+    return url
 
 
 def run_loop(main: Coroutine[Any, Any, None]) -> None:

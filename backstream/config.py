@@ -43,6 +43,14 @@ class ServerConfig:
     #: Proxies in front whose ``X-Forwarded-*``/``Forwarded`` headers are kept
     #: (``--trust-forwarded``; default none: those headers are replaced).
     trust_forwarded: tuple[Network, ...] = ()
+    #: Wildcard domain: ``NAME.domain`` reaches tunnel NAME (``--domain``; default none).
+    domain: str = ""
+    #: Public URL of this server behind a TLS terminator (``--public-url``; default none).
+    public_url: str = ""
+    #: Seconds a name stays reserved for its owner after its last client left (default 60).
+    name_grace: float = 60.0
+    #: Names (tunnels) one server holds at most, reserved ones included (default 1000).
+    max_tunnels: int = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +81,9 @@ class ClientConfig:
     max_concurrency: int = 256
     #: Longest pause between reconnection attempts, in seconds (default 30).
     max_backoff: float = 30.0
+    #: The tunnel name to claim (``--name``); empty for the default tunnel, or a
+    #: random name when the server has a domain.
+    name: str = ""
 
 
 def parse_addr(addr: str) -> tuple[str, int]:

@@ -6,7 +6,9 @@
      +-- ConfigError                   bad flags, policies or files at start-up
      +-- ProtocolError                 a malformed or unexpected frame: closes one tunnel
      +-- StreamError                   one relayed request failed; carries its status
+          +-- BadRequest               (400) a target or tunnel header that cannot be served
           +-- NoClient                 (503, or the server's -c/--code)
+          +-- UnknownTunnel            (404) no tunnel has the name asked for
           +-- ClientLost               (502) the tunnel closed with the request in flight
           +-- UpstreamUnreachable      (502) the local app refused or could not be reached
           +-- UpstreamTimeout          (504) the local app was slower than --timeout
@@ -43,17 +45,33 @@ class StreamError(BackstreamError):
     #: The code carried by a RESET frame for this error (see ``protocol.ResetCode``).
     reset_code = 1
 
-    def __init__(self, log_message: str = "", *, status: int | None = None) -> None:
+    def __init__(
+        self, log_message: str = "", *, status: int | None = None, reason: str | None = None
+    ) -> None:
+        if reason is not None:
+            self.reason = reason  # this one's answer; the status line keeps the class's
         super().__init__(log_message or self.reason)
         self.log_message = log_message or self.reason
         if status is not None:
             self.status = status
 
 
+class BadRequest(StreamError):
+    status = 400
+    reason = "Bad Request"
+    reset_code = 12
+
+
 class NoClient(StreamError):
     status = 503
     reason = "No tunnel client is connected"
     reset_code = 2
+
+
+class UnknownTunnel(StreamError):
+    status = 404
+    reason = "No tunnel has that name"
+    reset_code = 11
 
 
 class ClientLost(StreamError):
@@ -112,7 +130,9 @@ STREAM_ERRORS: dict[int, type[StreamError]] = {
     cls.reset_code: cls
     for cls in (
         StreamError,
+        BadRequest,
         NoClient,
+        UnknownTunnel,
         ClientLost,
         UpstreamUnreachable,
         UpstreamTimeout,

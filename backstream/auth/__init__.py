@@ -138,6 +138,7 @@ def build_input(
     remote: str,
     host: str,
     peer: str | None = None,
+    **extra: str,
 ) -> dict[str, Any]:
     """The policy input document (see doc/policy.md).
 
@@ -147,7 +148,9 @@ def build_input(
     ``path`` is the raw path exactly as it will be forwarded, without the query;
     ``path_normalized`` the same decoded and resolved, for deny-lists.
     ``remote`` is the caller (behind trusted proxies, from ``X-Forwarded-For``),
-    ``peer`` the TCP peer (``remote`` when not given).
+    ``peer`` the TCP peer (``remote`` when not given). ``extra`` holds what one
+    package alone sees: ``name`` (``auth.client``: the name asked for) and
+    ``tunnel`` (``auth.server``: the tunnel the request is routed to).
     """
     header: dict[str, str] = {}
     all_headers: dict[str, list[str]] = {}
@@ -168,6 +171,7 @@ def build_input(
         "remote": remote,
         "peer": remote if peer is None else peer,
         "host": host,
+        **extra,
     }
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import urllib.parse
 from typing import Any
 
 from tornado import httpclient
 from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
 
-from .. import errors, protocol, websocket_writer
+from .. import errors, protocol, routing, websocket_writer
 from ..config import ClientConfig
 from ..har import HarRecorder
 from .curl import UpstreamClient
@@ -149,11 +150,14 @@ class ClientTunnel:
         self.closed.set_result(why)
 
 
-async def connect(config: ClientConfig, on_message: Any) -> WebSocketClientConnection:
-    """Open the tunnel WebSocket; HTTP errors come back as HTTPClientError."""
-    headers = http_headers(
-        [(protocol.CLIENT_HEADER, str(protocol.PROTOCOL_VERSION)), *config.headers]
-    )
+async def connect(
+    config: ClientConfig, on_message: Any, name: str = ""
+) -> WebSocketClientConnection:
+    """Open the tunnel WebSocket asking for ``name``; HTTP errors come back as HTTPClientError."""
+    pairs = [(protocol.CLIENT_HEADER, str(protocol.PROTOCOL_VERSION)), *config.headers]
+    if name:
+        pairs.append((routing.NAME_HEADER, name))
+    headers = http_headers(pairs)
     request = httpclient.HTTPRequest(
         config.server_url,
         headers=headers,
@@ -180,9 +184,11 @@ async def run_client(config: ClientConfig) -> None:
     if config.har_dir:
         har = HarRecorder(config.har_dir, config.har_unmasked, config.har_body_limit)
     attempt = 0
+    name = config.name
     try:
         while True:
-            stable, slowdown = await serve_once(config, http_client, har)
+            # A name the server assigned is asked for again: the URL survives a reconnect.
+            stable, slowdown, name = await serve_once(config, http_client, har, name)
             attempt = 0 if stable else attempt + 1
             delay = backoff_delay(attempt, cap=config.max_backoff, rand=random.random()) * slowdown
             log.info("reconnecting in %.1fs attempt=%d", delay, attempt + 1)
@@ -192,9 +198,9 @@ async def run_client(config: ClientConfig) -> None:
 
 
 async def serve_once(
-    config: ClientConfig, http_client: UpstreamClient, har: HarRecorder | None
-) -> tuple[bool, float]:
-    """One connection, served until it closes: (was it stable, backoff slowdown)."""
+    config: ClientConfig, http_client: UpstreamClient, har: HarRecorder | None, name: str = ""
+) -> tuple[bool, float, str]:
+    """One connection, served until it closes: (was it stable, backoff slowdown, its name)."""
     tunnel: ClientTunnel | None = None
     early: list[str | bytes | None] = []
 
@@ -206,30 +212,43 @@ async def serve_once(
 
     url = config.server_url
     try:
-        ws = await connect(config, on_message)
+        ws = await connect(config, on_message, name)
     except httpclient.HTTPClientError as e:
         body = e.response.body.decode("utf-8", "replace").strip() if e.response else ""
         if e.code == 400 and "protocol version" in body:
             raise errors.ConfigError(f"cannot connect to {url}: {body}") from None
         if e.code == 403:
             log.error("denied by server policy url=%s status=403", url)
-            return False, DENIED_SLOWDOWN
+            return False, DENIED_SLOWDOWN, name
         if e.code == 409:  # another client owns the tunnel: retrying cannot help
             log.error("tunnel in use url=%s status=409: %s", url, body[:200])
             raise errors.ConfigError(f"cannot connect to {url}: {body[:200]}") from None
         log.error("server refused the tunnel url=%s status=%d %s", url, e.code, body[:200])
-        return False, 1.0
+        return False, 1.0, name
     except (TimeoutError, OSError, httpclient.HTTPError) as e:
         log.error("cannot connect to server url=%s: %s", url, e)
-        return False, 1.0
+        return False, 1.0, name
     loop = asyncio.get_running_loop()
     if ws.protocol is not None:
         ws.protocol.set_nodelay(True)  # frames are small and latency-bound: no Nagle
     tunnel = ClientTunnel(ws, config, http_client, har)
     started = loop.time()
     log.info("connected to server url=%s", url)
+    answer = ws.headers if ws.headers is not None else {}
+    name = answer.get(routing.NAME_HEADER, name)
+    public = answer.get(routing.URL_HEADER, "") or url
+    destination = config.dst_origin + config.dst_base_path
+    log.info("forwarding %s -> %s", forwarding(public, name), destination)
     for message in early:
         tunnel.on_message(message)
     why = await tunnel.closed
     log.warning("disconnected from server url=%s: %s", url, why)
-    return loop.time() - started >= STABLE_AFTER, 1.0
+    return loop.time() - started >= STABLE_AFTER, 1.0, name
+
+
+def forwarding(public_url: str, name: str) -> str:
+    """The address to show for a tunnel: its URL, and the header route if it has no host."""
+    host = urllib.parse.urlsplit(public_url).hostname or ""
+    if name and not host.startswith(name + "."):
+        return f"{public_url} (header {routing.TUNNEL_HEADER}: {name})"
+    return public_url

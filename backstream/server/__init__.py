@@ -55,11 +55,21 @@ def make_app(config: ServerConfig, tunnels: Tunnels, gate: Gate | None) -> Appli
         "timeout": config.timeout,
         "no_client_code": config.no_client_code,
         "trusted": config.trust_forwarded,
+        "domain": config.domain,
     }
     public = {**relayed, "max_body_size": config.max_body_size}
     return _ScreenedApplication(
         [
-            Rule(_HasClientHeader(), TunnelHandler, {"tunnels": tunnels, "gate": gate}),
+            Rule(
+                _HasClientHeader(),
+                TunnelHandler,
+                {
+                    "tunnels": tunnels,
+                    "gate": gate,
+                    "domain": config.domain,
+                    "public_url": config.public_url,
+                },
+            ),
             Rule(_IsWebSocketUpgrade(), PassthroughHandler, relayed),
             Rule(_Anything(), PublicHandler, public),
         ],
@@ -93,7 +103,7 @@ async def run_server(config: ServerConfig) -> None:
     gate = None if isinstance(authorizer, NoAuth) else Gate(authorizer, config.trust_forwarded)
     if gate is not None:
         await gate.warn_missing()
-    tunnels = Tunnels()
+    tunnels = Tunnels(grace=config.name_grace, max_names=config.max_tunnels)
     app = make_app(config, tunnels, gate)
     server = Server(
         app,

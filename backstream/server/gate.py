@@ -28,14 +28,18 @@ class Gate:
         #: Proxies (``--trust-forwarded``) whose ``X-Forwarded-For`` names the caller.
         self.trusted = trusted
 
-    async def check_client(self, request: HTTPServerRequest, target: str) -> None:
-        await self._check(CLIENT_PACKAGE, request, target)
+    async def check_client(self, request: HTTPServerRequest, target: str, name: str) -> None:
+        """``name``: the tunnel name the client asks for (``""``: none)."""
+        await self._check(CLIENT_PACKAGE, request, target, name=name)
 
-    async def check_public(self, request: HTTPServerRequest, target: str) -> None:
-        """``target`` is the origin-form target the local app will receive."""
-        await self._check(SERVER_PACKAGE, request, target)
+    async def check_public(self, request: HTTPServerRequest, target: str, tunnel: str) -> None:
+        """``target`` is the origin-form target the local app will receive, ``tunnel``
+        the name of the tunnel it is routed to (``""``: the default one)."""
+        await self._check(SERVER_PACKAGE, request, target, tunnel=tunnel)
 
-    async def _check(self, package: str, request: HTTPServerRequest, target: str) -> None:
+    async def _check(
+        self, package: str, request: HTTPServerRequest, target: str, **extra: str
+    ) -> None:
         # The policy sees the target as forwarded, never Tornado's parse of an
         # absolute-form one ("http://x/admin" would be a path no rule matches).
         path, _, query = target.partition("?")
@@ -54,6 +58,7 @@ class Gate:
             remote,
             request.host,
             peer,
+            **extra,
         )
         decision = await self.authorizer.decide(package, document)
         if decision.error is not None:

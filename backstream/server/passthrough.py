@@ -20,6 +20,7 @@ from typing import Any
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from .. import errors, protocol, relay
+from .admission import admit, destination
 from .gate import Gate
 from .stream import ServerStream
 from .tunnel import Tunnels
@@ -40,12 +41,14 @@ class PassthroughHandler(WebSocketHandler):
         no_client_code: int = 503,
         gate: Gate | None = None,
         trusted: tuple[relay.Network, ...] = (),
+        domain: str = "",
     ) -> None:
         self.tunnels = tunnels
         self.timeout = timeout
         self.no_client_code = no_client_code
         self.gate = gate
         self.trusted = trusted
+        self.domain = domain
 
     @property
     def max_message_size(self) -> int:
@@ -69,17 +72,12 @@ class PassthroughHandler(WebSocketHandler):
             self._answer(status, text + "\n", errors.StreamError(text, status=status))
             return
         try:
-            target = relay.origin_form(request.uri or "")
-            if self.gate is not None:
-                await self.gate.check_public(request, target)
-            tunnel = self.tunnels.pick()
-            if tunnel is None:
-                raise errors.NoClient("no tunnel client connected", status=self.no_client_code)
+            target, name = destination(request, self.domain)
+            tunnel = await admit(
+                request, target, name, self.tunnels, self.gate, self.no_client_code
+            )
         except errors.StreamError as e:
             self._answer(e.status, e.reason + "\n", e)
-            return
-        except ValueError as e:
-            self._answer(400, str(e) + "\n", errors.StreamError(str(e), status=400))
             return
         trusted = relay.is_trusted(request.remote_ip or "", self.trusted)
         self.stream = stream = tunnel.relay_request(
@@ -119,7 +117,7 @@ class PassthroughHandler(WebSocketHandler):
         access_log.info(
             "WEBSOCKET %s status=%d error=%r", self.request.path, status, error.log_message
         )
-        self.set_status(status, error.reason if status == type(error).status else None)
+        self.set_status(status, type(error).reason if status == type(error).status else None)
         self.set_header("Content-Type", "text/plain; charset=utf-8")
         self.finish(text)
 

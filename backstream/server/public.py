@@ -15,6 +15,7 @@ from tornado import httputil, iostream
 from tornado.web import RequestHandler, stream_request_body
 
 from .. import errors, relay
+from .admission import admit, destination
 from .gate import Gate
 from .stream import ServerStream
 from .tunnel import Tunnels
@@ -62,6 +63,7 @@ class PublicHandler(RequestHandler):
         max_body_size: int,
         gate: Gate | None = None,
         trusted: tuple[relay.Network, ...] = (),
+        domain: str = "",
     ) -> None:
         self.tunnels = tunnels
         self.no_client_code = no_client_code
@@ -69,8 +71,10 @@ class PublicHandler(RequestHandler):
         self.max_body_size = max_body_size
         self.gate = gate
         self.trusted = trusted
+        self.domain = domain
         self.started = time.monotonic()
         self.target = ""
+        self.tunnel_name = "-"
         self.body_length = 0
         self.body_received = 0
         self.body_sent = 0
@@ -96,19 +100,15 @@ class PublicHandler(RequestHandler):
         try:
             # HeadScreen refused invalid framing already: this cannot raise.
             self.body_length = body_length = relay.body_length(request.headers.get_all())
-            self.target = target = relay.origin_form(request.uri or "")
-            if self.gate is not None:
-                await self.gate.check_public(request, target)
+            self.target, name = destination(request, self.domain)
+            target, self.tunnel_name = self.target, name or "-"
+            tunnel = await admit(
+                request, target, name, self.tunnels, self.gate, self.no_client_code
+            )
             if self.max_body_size and body_length > self.max_body_size:
                 raise errors.BodyTooLarge(f"Content-Length {body_length} > {self.max_body_size}")
-            tunnel = self.tunnels.pick()
-            if tunnel is None:
-                raise errors.NoClient("no tunnel client connected", status=self.no_client_code)
         except errors.StreamError as e:
             await self.refuse(e)
-            return
-        except ValueError as e:
-            await self.refuse(errors.StreamError(str(e), status=400))
             return
         trusted = relay.is_trusted(request.remote_ip or "", self.trusted)
         self.stream = tunnel.relay_request(
@@ -216,7 +216,8 @@ class PublicHandler(RequestHandler):
 
     def _write_error(self, error: errors.StreamError) -> None:
         self.clear()
-        self.set_status(error.status, error.reason if error.status == type(error).status else None)
+        standard = error.status == type(error).status
+        self.set_status(error.status, type(error).reason if standard else None)
         body = (error.reason + "\n").encode()
         self.set_header("Content-Type", "text/plain; charset=utf-8")
         self.set_header("Content-Length", len(body))
@@ -242,7 +243,7 @@ class PublicHandler(RequestHandler):
         path = self.target.partition("?")[0] or "-"
         if self.error is not None:
             access_log.info(
-                "%s %s stream=%s status=%d error=%r in=%d out=%d ms=%.1f",
+                "%s %s stream=%s status=%d error=%r in=%d out=%d ms=%.1f tunnel=%s",
                 self.request.method,
                 path,
                 stream_id,
@@ -251,10 +252,11 @@ class PublicHandler(RequestHandler):
                 self.body_received,
                 self.body_sent,
                 elapsed,
+                self.tunnel_name,
             )
         else:
             access_log.info(
-                "%s %s stream=%s status=%d in=%d out=%d ms=%.1f",
+                "%s %s stream=%s status=%d in=%d out=%d ms=%.1f tunnel=%s",
                 self.request.method,
                 path,
                 stream_id,
@@ -262,6 +264,7 @@ class PublicHandler(RequestHandler):
                 self.body_received,
                 self.body_sent,
                 elapsed,
+                self.tunnel_name,
             )
 
 

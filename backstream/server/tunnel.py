@@ -2,11 +2,11 @@
 
 A ``Tunnel`` is one connected client: it numbers the streams it carries,
 routes incoming frames to them, and fails them all with 502 the moment the
-WebSocket closes. ``Tunnels`` groups them in pools by name (today only the
-default name ``""``); each public request goes to exactly one member of a
-pool, round robin. A pool belongs to the credentials of its first member:
-a client presenting other credentials is refused (409), so that nobody can
-join a tunnel and receive a share of its traffic.
+WebSocket closes. ``Tunnels`` groups them in pools by name (``""`` is the
+default tunnel); each public request goes to exactly one member of a pool,
+the one with the fewest streams in flight. A pool belongs to the credentials
+of its first member: a client presenting other credentials is refused (409),
+so that nobody can join a tunnel and receive a share of its traffic.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from tornado.httputil import HTTPServerRequest
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
-from .. import errors, protocol, relay, websocket_writer
+from .. import errors, protocol, relay, routing, websocket_writer
 from .gate import Gate
 from .stream import MAX_UNSENT, ServerStream
 
@@ -32,6 +32,8 @@ _tunnel_ids = itertools.count(1)
 
 #: Handshake headers each WebSocket connection makes for itself.
 HANDSHAKE_HEADERS = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions")
+#: Tornado answered any Expect itself; the tunnel header is for the server alone.
+_NEVER_RELAYED = ("Expect", routing.TUNNEL_HEADER)
 
 
 def credential_of(authorization: Iterable[str]) -> bytes:
@@ -80,9 +82,9 @@ class Tunnel:
 
         ``trusted``: the request came through a proxy named by ``--trust-forwarded``.
         """
-        # Tornado answered any Expect itself; a WebSocket's handshake headers are
-        # made anew by the client's own connection to the local app.
-        drop = HANDSHAKE_HEADERS if upgrade else ("Expect",)
+        # A WebSocket's handshake headers are made anew by the client's own
+        # connection to the local app.
+        drop = (*HANDSHAKE_HEADERS, routing.TUNNEL_HEADER) if upgrade else _NEVER_RELAYED
         headers = relay.strip_hop_by_hop(request.headers.get_all(), drop=drop)
         remote, host = request.remote_ip or "", request.host or ""
         headers = relay.add_forwarded(
@@ -177,47 +179,71 @@ class Tunnel:
 class Pool:
     """The tunnels serving one name, owned by the credentials of the first to connect."""
 
-    __slots__ = ("name", "owner", "members", "_turn")
+    __slots__ = ("name", "owner", "members", "_turn", "expiry")
 
     def __init__(self, name: str, owner: bytes) -> None:
         self.name = name
         self.owner = owner
         self.members: list[Tunnel] = []
         self._turn = 0
+        #: While no member is connected: the timer that frees the name.
+        self.expiry: asyncio.TimerHandle | None = None
 
     def admits(self, credential: bytes) -> bool:
         return hmac.compare_digest(self.owner, credential)
 
     def pick(self) -> Tunnel | None:
-        """The next member in round-robin order, or None when it has none."""
-        if not self.members:
-            return None
-        self._turn = (self._turn + 1) % len(self.members)
-        return self.members[self._turn]
+        """The member with the fewest streams in flight (ties in turn), or None."""
+        members = self.members
+        if len(members) < 2:
+            return members[0] if members else None
+        self._turn = turn = (self._turn + 1) % len(members)
+        best = members[turn]
+        for i in range(1, len(members)):
+            member = members[(turn + i) % len(members)]
+            if len(member.streams) < len(best.streams):
+                best = member
+        return best
 
 
 class Tunnels:
-    """The connected clients by name; each public request goes to exactly one."""
+    """The connected clients by name; each public request goes to exactly one.
 
-    def __init__(self) -> None:
+    A name whose last client left stays reserved for its owner for ``grace``
+    seconds, so that a client reconnecting after a network drop gets it back
+    and nobody else can take it in the gap.
+    """
+
+    def __init__(self, *, grace: float = 60.0, max_names: int = 1000) -> None:
         self._pools: dict[str, Pool] = {}
+        self.grace = grace
+        self.max_names = max_names
 
     def __len__(self) -> int:
         return sum(len(pool.members) for pool in self._pools.values())
 
-    def refusal(self, name: str, credential: bytes) -> str | None:
-        """Why a client with ``credential`` may not join ``name`` now, or None."""
+    def refusal(self, name: str, credential: bytes) -> tuple[int, str] | None:
+        """(status, reason) if a client with ``credential`` may not join ``name``, or None."""
         pool = self._pools.get(name)
-        if pool is None or pool.admits(credential):
+        if pool is None:
+            if len(self._pools) >= self.max_names:
+                return 503, f"this server holds its maximum of {self.max_names} tunnels"
             return None
-        shown = f"name {name}" if name else "the tunnel"
-        return f"{shown} is in use by a client with other credentials"
+        if pool.admits(credential):
+            return None
+        return 409, f"name {name} is in use" if name else "the tunnel is in use"
+
+    def taken(self, name: str) -> bool:
+        return name in self._pools
 
     def add(self, tunnel: Tunnel) -> None:
         """Join ``tunnel`` to its name's pool; check ``refusal`` first."""
         pool = self._pools.get(tunnel.name)
         if pool is None:
             pool = self._pools[tunnel.name] = Pool(tunnel.name, tunnel.credential)
+        if pool.expiry is not None:
+            pool.expiry.cancel()
+            pool.expiry = None
         pool.members.append(tunnel)
 
     def remove(self, tunnel: Tunnel) -> None:
@@ -226,12 +252,30 @@ class Tunnels:
             return
         pool.members.remove(tunnel)
         if not pool.members:
-            del self._pools[tunnel.name]  # free for anyone: the name was only borrowed
+            if self.grace > 0:
+                loop = asyncio.get_running_loop()
+                pool.expiry = loop.call_later(self.grace, self._expire, pool)
+            else:
+                self._expire(pool)
 
-    def pick(self, name: str = "") -> Tunnel | None:
-        """A tunnel for a request to ``name``, or None when none is connected."""
+    def _expire(self, pool: Pool) -> None:
+        if not pool.members and self._pools.get(pool.name) is pool:
+            del self._pools[pool.name]
+            if pool.name:
+                log.info("name released tunnel_name=%s: no client for %gs", pool.name, self.grace)
+
+    def pick(self, name: str, no_client_code: int = 503) -> Tunnel:
+        """The tunnel for a request to ``name``; raises NoClient or UnknownTunnel."""
         pool = self._pools.get(name)
-        return pool.pick() if pool is not None else None
+        tunnel = pool.pick() if pool is not None else None
+        if tunnel is not None:
+            return tunnel
+        if pool is None and name:
+            message = f"no tunnel named {name}"
+            raise errors.UnknownTunnel(message, reason=message)
+        raise errors.NoClient(
+            f"no client connected for tunnel {name or '(default)'}", status=no_client_code
+        )
 
 
 class TunnelHandler(WebSocketHandler):
@@ -240,10 +284,15 @@ class TunnelHandler(WebSocketHandler):
     tunnels: Tunnels
     tunnel: Tunnel | None = None
     credential = b""
+    name = ""
 
-    def initialize(self, tunnels: Tunnels, gate: Gate | None = None) -> None:
+    def initialize(
+        self, tunnels: Tunnels, gate: Gate | None = None, domain: str = "", public_url: str = ""
+    ) -> None:
         self.tunnels = tunnels
         self.gate = gate
+        self.domain = domain
+        self.public_url = public_url
 
     async def prepare(self) -> None:
         request = self.request
@@ -252,25 +301,55 @@ class TunnelHandler(WebSocketHandler):
             log.warning("refused tunnel client remote=%s: %s", request.remote_ip, problem)
             self._refuse(400, problem)
             return
-        if self.gate is not None:
-            try:
-                await self.gate.check_client(request, relay.origin_form(request.uri or "/"))
-            except errors.StreamError as e:
-                self._refuse(e.status, e.reason)
-                return
-            except ValueError as e:
-                self._refuse(400, str(e))
-                return
+        asked = request.headers.get(routing.NAME_HEADER, "").strip()
+        try:
+            name = routing.check_name(asked) if asked else ""
+            if self.gate is not None:
+                target = relay.origin_form(request.uri or "/")
+                await self.gate.check_client(request, target, name)
+        except errors.StreamError as e:
+            self._refuse(e.status, e.reason)
+            return
+        except ValueError as e:
+            log.warning("refused tunnel client remote=%s status=400: %s", request.remote_ip, e)
+            self._refuse(400, str(e))
+            return
+        if not name and self.domain:
+            name = routing.random_name()
+            while self.tunnels.taken(name):  # 50 random bits: practically never
+                name = routing.random_name()
+        self.name = name
         self.credential = credential_of(request.headers.get_list("Authorization"))
-        refusal = self.tunnels.refusal("", self.credential)
-        if refusal is not None:
-            log.warning(
-                "refused tunnel client remote=%s status=409: %s", request.remote_ip, refusal
-            )
-            self._refuse(409, refusal)
+        if self._refused_by_registry():
+            return
+        # Sent with the 101: the client learns its name and where it is reached.
+        self.set_header(routing.NAME_HEADER, name)
+        self.set_header(
+            routing.URL_HEADER,
+            routing.public_url(
+                name, self.domain, self.public_url, request.protocol, request.host or ""
+            ),
+        )
+
+    def _refused_by_registry(self) -> bool:
+        refusal = self.tunnels.refusal(self.name, self.credential)
+        if refusal is None:
+            return False
+        status, reason = refusal
+        log.warning(
+            "refused tunnel client remote=%s tunnel_name=%s status=%d: %s",
+            self.request.remote_ip,
+            self.name or "-",
+            status,
+            reason,
+        )
+        self._refuse(status, reason)
+        return True
 
     def _refuse(self, status: int, message: str) -> None:
         """Answer the handshake with an error instead of upgrading."""
+        self.clear_header(routing.NAME_HEADER)
+        self.clear_header(routing.URL_HEADER)
         self.set_status(status)
         self.set_header("Content-Type", "text/plain; charset=utf-8")
         self.finish(message + "\n")
@@ -280,17 +359,18 @@ class TunnelHandler(WebSocketHandler):
         return True
 
     def open(self, *args: str, **kwargs: str) -> None:
-        refusal = self.tunnels.refusal("", self.credential)
+        refusal = self.tunnels.refusal(self.name, self.credential)
         if refusal is not None:  # another owner connected while this one was upgrading
-            log.warning("refused tunnel client remote=%s: %s", self.request.remote_ip, refusal)
-            self.close(4409, refusal[:120])
+            log.warning("refused tunnel client remote=%s: %s", self.request.remote_ip, refusal[1])
+            self.close(4000 + refusal[0], refusal[1][:120])
             return
         self.set_nodelay(True)
-        self.tunnel = Tunnel(self, self.request.remote_ip or "", "", self.credential)
+        self.tunnel = Tunnel(self, self.request.remote_ip or "", self.name, self.credential)
         self.tunnels.add(self.tunnel)
         log.info(
-            "client connected tunnel=%d remote=%s clients=%d",
+            "client connected tunnel=%d tunnel_name=%s remote=%s clients=%d",
             self.tunnel.id,
+            self.name or "-",
             self.tunnel.remote,
             len(self.tunnels),
         )
@@ -316,8 +396,9 @@ class TunnelHandler(WebSocketHandler):
         in_flight = len(tunnel.streams)
         tunnel.closed(f"code={self.close_code} reason={self.close_reason!r}")
         log.info(
-            "client disconnected tunnel=%d in_flight=%d clients=%d",
+            "client disconnected tunnel=%d tunnel_name=%s in_flight=%d clients=%d",
             tunnel.id,
+            tunnel.name or "-",
             in_flight,
             len(self.tunnels),
         )
