@@ -132,6 +132,34 @@ class PolicyCases:
         )
 
     @gen_test
+    async def test_tunnel_names_per_token(self) -> None:
+        await self.load("tunnel-names")
+
+        def claim(token: str, name: str) -> dict:
+            document = request(headers=[("Authorization", f"Bearer {token}")])
+            return {**document, "name": name}
+
+        alice, bob, ci = "change-me-alice-token", "change-me-bob-token", "change-me-ci-token"
+        await self.check(
+            CLIENT_PACKAGE,
+            [
+                claim(alice, "alice"),
+                claim(alice, "alice-staging"),
+                claim(bob, "bob"),
+                claim(ci, ""),
+            ],
+            [
+                claim(alice, "bob"),
+                claim(alice, ""),
+                claim(bob, "alice"),
+                claim(ci, "alice"),
+                claim("unknown", "alice"),
+                {**request(), "name": "alice"},
+                request(headers=[("Authorization", f"Bearer {alice}")]),  # no name field
+            ],
+        )
+
+    @gen_test
     async def test_deny_paths_sees_every_spelling(self) -> None:
         """A deny-list on path_normalized catches what a raw-path rule would miss."""
         await self.load("deny-paths")

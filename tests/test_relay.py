@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from backstream import redact, relay
+from backstream import redact, relay, routing
 from backstream.client import backoff_delay
 from backstream.client.upstream import curl_header_lines
 from backstream.config import parse_addr, server_ws_url, split_destination
@@ -349,3 +351,85 @@ def test_urls_and_addresses() -> None:
         parse_addr("nohost")
     with pytest.raises(ConfigError):
         split_destination("http://h:99999")
+
+
+# -- tunnel names and routing (backstream/routing.py) ----------------------------------------
+
+
+@pytest.mark.parametrize("name", ["a", "myapp", "my-app-2", "MyApp", "x" * 63, " app "])
+def test_valid_names_are_lower_cased(name: str) -> None:
+    assert routing.check_name(name) == name.strip().lower()
+
+
+@pytest.mark.parametrize("name", ["", "-a", "a-", "a_b", "a.b", "x" * 64, "é", "a b"])
+def test_invalid_names_say_what_a_name_is(name: str) -> None:
+    with pytest.raises(ValueError, match="invalid tunnel name"):
+        routing.check_name(name)
+
+
+def test_random_names_are_valid_and_distinct() -> None:
+    names = {routing.random_name() for _ in range(1000)}
+    assert len(names) == 1000
+    assert all(re.fullmatch(r"[a-z2-7]{10}", n) and routing.check_name(n) == n for n in names)
+
+
+@pytest.mark.parametrize(
+    "host, header, domain, expected",
+    [
+        ("myapp.tunnel.test", None, "tunnel.test", "myapp"),
+        ("MyApp.Tunnel.Test:8080", None, "tunnel.test", "myapp"),
+        ("myapp.tunnel.test.", None, "tunnel.test", "myapp"),
+        ("myapp.tunnel.test.:80", None, "tunnel.test", "myapp"),
+        ("tunnel.test", None, "tunnel.test", ""),
+        ("other.example", None, "tunnel.test", ""),
+        ("eviltunnel.test", None, "tunnel.test", ""),
+        ("a.b.tunnel.test", None, "tunnel.test", "a.b"),
+        ("[::1]:8080", None, "tunnel.test", ""),
+        ("myapp.tunnel.test", None, "", ""),
+        ("anything", "MyApp", "", "myapp"),
+        ("other.tunnel.test", "myapp", "tunnel.test", "myapp"),
+    ],
+)
+def test_route(host: str, header: str | None, domain: str, expected: str) -> None:
+    assert routing.route(host, header, domain) == expected
+
+
+def test_route_refuses_an_invalid_tunnel_header() -> None:
+    with pytest.raises(ValueError, match="invalid tunnel name"):
+        routing.route("h", "-bad", "")
+
+
+@pytest.mark.parametrize(
+    "name, domain, public, scheme, host, url",
+    [
+        ("myapp", "tunnel.test", "", "http", "127.0.0.1:41234", "http://myapp.tunnel.test:41234"),
+        ("myapp", "tunnel.test", "", "http", "tunnel.test", "http://myapp.tunnel.test"),
+        (
+            "myapp",
+            "t.example",
+            "https://t.example",
+            "http",
+            "10.0.0.5:8080",
+            "https://myapp.t.example",
+        ),
+        (
+            "myapp",
+            "t.example",
+            "https://t.example:8443",
+            "http",
+            "x",
+            "https://myapp.t.example:8443",
+        ),
+        ("", "t.example", "https://t.example", "http", "x", "https://t.example"),
+        ("myapp", "", "", "http", "127.0.0.1:1", "http://127.0.0.1:1"),
+        ("myapp", "", "https://t.example", "http", "x", "https://t.example"),
+    ],
+)
+def test_public_url(name: str, domain: str, public: str, scheme: str, host: str, url: str) -> None:
+    assert routing.public_url(name, domain, public, scheme, host) == url
+
+
+def test_domain_is_normalized() -> None:
+    assert routing.normalize_domain("Tunnel.Example.COM.") == "tunnel.example.com"
+    with pytest.raises(ValueError):
+        routing.normalize_domain("bad_domain.com")
