@@ -100,8 +100,8 @@ class PublicHandler(RequestHandler):
         try:
             # HeadScreen refused invalid framing already: this cannot raise.
             self.body_length = body_length = relay.body_length(request.headers.get_all())
-            self.target, name = destination(request, self.domain)
-            target, self.tunnel_name = self.target, name or "-"
+            target, name = destination(request, self.domain)
+            self.target, self.tunnel_name = target, name or "-"
             tunnel = await admit(
                 request, target, name, self.tunnels, self.gate, self.no_client_code
             )
