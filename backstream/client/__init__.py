@@ -238,7 +238,7 @@ async def serve_once(
     name = answer.get(routing.NAME_HEADER, name)
     public = answer.get(routing.URL_HEADER, "") or url
     destination = config.dst_origin + config.dst_base_path
-    log.info("forwarding %s -> %s", forwarding(public, name), destination)
+    log.info("forwarding %s -> %s%s", public, destination, header_route_note(public, name))
     for message in early:
         tunnel.on_message(message)
     why = await tunnel.closed
@@ -246,9 +246,9 @@ async def serve_once(
     return loop.time() - started >= STABLE_AFTER, 1.0, name
 
 
-def forwarding(public_url: str, name: str) -> str:
-    """The address to show for a tunnel: its URL, and the header route if it has no host."""
+def header_route_note(public_url: str, name: str) -> str:
+    """How to reach a named tunnel whose URL is the server's own (a server without --domain)."""
     host = urllib.parse.urlsplit(public_url).hostname or ""
     if name and not host.startswith(name + "."):
-        return f"{public_url} (header {routing.TUNNEL_HEADER}: {name})"
-    return public_url
+        return f" (header {routing.TUNNEL_HEADER}: {name})"
+    return ""
