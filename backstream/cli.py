@@ -21,6 +21,7 @@ from . import __version__, heap, masking, redact, routing
 from .config import ClientConfig, ServerConfig, parse_addr, server_ws_url, split_destination
 from .errors import ConfigError
 from .logs import LEVELS, setup_logging
+from .protocol import DEFAULT_WEBSOCKET_MESSAGE
 from .relay import parse_header_line, parse_networks
 
 
@@ -235,6 +236,13 @@ def build_parser() -> Any:
         env_var="BACKSTREAM_MAX_TUNNELS",
         help="names one server holds at most (default: 1000)",
     )
+    serve.add_argument(
+        "--ws-max-message",
+        type=parse_size,
+        default=DEFAULT_WEBSOCKET_MESSAGE,
+        env_var="BACKSTREAM_WS_MAX_MESSAGE",
+        help="largest WebSocket message relayed, e.g. 16M (default: 64M; larger ones: 1009)",
+    )
     _add_logging(serve, defaults=False)
 
     client = commands.add_parser(
@@ -335,6 +343,13 @@ def build_parser() -> Any:
         help="the tunnel name to claim, a DNS label (default: the server assigns one "
         "when it has --domain)",
     )
+    client.add_argument(
+        "--ws-max-message",
+        type=parse_size,
+        default=DEFAULT_WEBSOCKET_MESSAGE,
+        env_var="BACKSTREAM_WS_MAX_MESSAGE",
+        help="largest WebSocket message relayed, e.g. 16M (default: 64M; larger ones: 1009)",
+    )
     _add_logging(client, defaults=False)
     return parser
 
@@ -365,6 +380,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         public_url=_public_url(args.public_url),
         name_grace=args.name_grace,
         max_tunnels=args.max_tunnels,
+        ws_max_message=args.ws_max_message,
     )
 
 
@@ -390,6 +406,7 @@ def client_config(args: argparse.Namespace) -> ClientConfig:
         max_concurrency=args.max_concurrency,
         max_backoff=args.max_backoff,
         name=_checked(routing.check_name, args.name) if args.name else "",
+        ws_max_message=args.ws_max_message,
     )
 
 

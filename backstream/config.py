@@ -11,6 +11,7 @@ import dataclasses
 import urllib.parse
 
 from .errors import ConfigError
+from .protocol import DEFAULT_WEBSOCKET_MESSAGE
 from .relay import Headers, Network
 
 
@@ -51,6 +52,8 @@ class ServerConfig:
     name_grace: float = 60.0
     #: Names (tunnels) one server holds at most, reserved ones included (default 1000).
     max_tunnels: int = 1000
+    #: Largest WebSocket message relayed, in bytes (``--ws-max-message``; default 64 MiB).
+    ws_max_message: int = DEFAULT_WEBSOCKET_MESSAGE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +87,8 @@ class ClientConfig:
     #: The tunnel name to claim (``--name``); empty for the default tunnel, or a
     #: random name when the server has a domain.
     name: str = ""
+    #: Largest WebSocket message relayed, in bytes (``--ws-max-message``; default 64 MiB).
+    ws_max_message: int = DEFAULT_WEBSOCKET_MESSAGE
 
 
 def parse_addr(addr: str) -> tuple[str, int]:

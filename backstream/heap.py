@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+from typing import Any
 
 log = logging.getLogger("backstream")
 
@@ -23,7 +24,7 @@ log = logging.getLogger("backstream")
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
-#: Allocations up to this size come from the heap (a WebSocket message is at most ~1 MiB).
+#: Allocations up to this size come from the heap (body chunks and message fragments).
 MMAP_THRESHOLD = 4 * 1024 * 1024
 #: Free memory at the top of the heap kept for reuse before trimming.
 TRIM_THRESHOLD = 8 * 1024 * 1024
@@ -44,6 +45,36 @@ def keep_freed_buffers() -> bool:
         log.debug("mallopt refused the heap settings; keeping glibc's defaults")
         return False
     return bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def release_free_memory() -> None:
+    """Give free heap pages back to the kernel (glibc's ``malloc_trim``).
+
+    For after a burst far larger than the usual buffers, such as a WebSocket
+    message of many MiB that arrived as 256 KiB fragments: those freed
+    fragments are spread through the heap, which the trim threshold alone
+    does not return, and would stay resident.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _malloc_trim() -> Any:
+    global _trim
+    if _trim is False:
+        _trim = None
+        if _is_glibc():
+            try:
+                _trim = ctypes.CDLL(None).malloc_trim
+                _trim.argtypes = (ctypes.c_size_t,)
+                _trim.restype = ctypes.c_int
+            except (OSError, AttributeError):
+                _trim = None
+    return _trim
+
+
+_trim: Any = False  # not looked up yet
 
 
 def _is_glibc() -> bool:

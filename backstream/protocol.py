@@ -13,8 +13,10 @@ Frame types (``S->C``: server to client):
 * ``REQUEST``  S->C  opens a stream: the public request head (JSON array).
 * ``RESPONSE`` C->S  the response head for a stream (JSON array).
 * ``DATA``     both  body bytes, raw; ``FLAG_END`` marks the last one. On a
-  WebSocket stream (a REQUEST with ``FLAG_UPGRADE`` answered 101) each DATA
-  is one whole message, ``FLAG_TEXT`` for text, and ``FLAG_END`` closes it
+  WebSocket stream (a REQUEST with ``FLAG_UPGRADE`` answered 101) DATA carry
+  messages: one message is one or more DATA frames, all but its last with
+  ``FLAG_MORE``, each with ``FLAG_TEXT`` for text, so a message of any size
+  crosses under the stream's window. ``FLAG_END`` closes the WebSocket
   (payload: the close code, u16, and reason, if the closing side gave one).
 * ``WINDOW``   both  grants the peer more credit for DATA on a stream (u32).
 * ``RESET``    both  aborts one stream (u16 error code, UTF-8 message); the
@@ -42,6 +44,7 @@ import enum
 import json
 import re
 import struct
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 from .errors import ProtocolError
@@ -54,10 +57,10 @@ CLIENT_HEADER = "Backstream-Client"
 INITIAL_WINDOW = 2 * 1024 * 1024
 #: Largest DATA payload a sender puts in one frame (must fit twice in a window).
 MAX_CHUNK = 256 * 1024
-#: Largest WebSocket message relayed (one DATA frame; half a window, so it always fits).
-MAX_WEBSOCKET_MESSAGE = INITIAL_WINDOW // 2
+#: Largest WebSocket message relayed by default (``--ws-max-message``), in fragments.
+DEFAULT_WEBSOCKET_MESSAGE = 64 * 1024 * 1024
 #: Largest frame payload a receiver accepts.
-MAX_FRAME = MAX_WEBSOCKET_MESSAGE + 64 * 1024
+MAX_FRAME = MAX_CHUNK + 64 * 1024
 #: A sender starts a new message once a batch reaches this size.
 BATCH_SIZE = 256 * 1024
 #: Largest message a receiver accepts: a full batch plus one largest frame.
@@ -77,6 +80,8 @@ FLAG_END = 0x01
 FLAG_UPGRADE = 0x02
 #: On DATA of a WebSocket stream: a text message (otherwise binary).
 FLAG_TEXT = 0x04
+#: On DATA of a WebSocket stream: the message goes on in the next DATA frame.
+FLAG_MORE = 0x08
 
 Headers = list[tuple[str, str]]
 
@@ -199,6 +204,8 @@ class Data:
     end_stream: bool = False
     #: A text WebSocket message (WebSocket streams only).
     text: bool = False
+    #: Not the last fragment of its WebSocket message (WebSocket streams only).
+    more: bool = False
 
     TYPE: ClassVar[FrameType] = FrameType.DATA
 
@@ -207,12 +214,22 @@ class Data:
 
     def parts(self) -> tuple[bytes, bytes]:
         """Header and payload apart, so that a batch copies the payload only once."""
-        flags = (FLAG_END if self.end_stream else 0) | (FLAG_TEXT if self.text else 0)
+        flags = (
+            (FLAG_END if self.end_stream else 0)
+            | (FLAG_TEXT if self.text else 0)
+            | (FLAG_MORE if self.more else 0)
+        )
         return _HEADER.pack(self.TYPE, flags, self.stream_id, len(self.data)), self.data
 
     @classmethod
     def decode_payload(cls, stream_id: int, flags: int, payload: bytes) -> Data:
-        return cls(stream_id, payload, bool(flags & FLAG_END), bool(flags & FLAG_TEXT))
+        return cls(
+            stream_id,
+            payload,
+            bool(flags & FLAG_END),
+            bool(flags & FLAG_TEXT),
+            bool(flags & FLAG_MORE),
+        )
 
 
 @dataclasses.dataclass(slots=True)
@@ -442,6 +459,85 @@ def headers_problem(headers: Headers) -> str | None:
         if problem is not None:
             return problem
     return None
+
+
+def fragments(stream_id: int, message: bytes, text: bool) -> Iterator[Data]:
+    """One WebSocket message as DATA frames of at most ``MAX_CHUNK`` bytes each.
+
+    Lazily: each fragment is cut only when the sender has credit for it.
+    """
+    if len(message) <= MAX_CHUNK:
+        yield Data(stream_id, message, text=text)
+        return
+    view = memoryview(message)
+    for i in range(0, len(message), MAX_CHUNK):
+        more = i + MAX_CHUNK < len(message)
+        yield Data(stream_id, bytes(view[i : i + MAX_CHUNK]), text=text, more=more)
+
+
+class MessageTooBig(ProtocolError):
+    """A WebSocket message grew past the receiver's limit (closed with 1009)."""
+
+
+@dataclasses.dataclass(slots=True)
+class Message:
+    """A whole WebSocket message, as the fragments it came in (written without joining)."""
+
+    parts: list[bytes]
+    text: bool
+    #: Credit for it not yet granted to the sender: grant it once it was written.
+    owed: int
+
+
+class MessageAssembler:
+    """Rebuilds WebSocket messages from DATA fragments, and says when to grant credit.
+
+    A message may be far larger than the window, so the credit of its
+    fragments is granted as they arrive: the sender can finish it. But once a
+    whole message waits to be written (a slow reader), the credit of what
+    follows is held back until it was, so that a slow reader holds one
+    waiting message and a window more at most, whatever the sender does.
+    """
+
+    __slots__ = ("limit", "_parts", "_size", "_held", "_waiting")
+
+    def __init__(self, limit: int = DEFAULT_WEBSOCKET_MESSAGE) -> None:
+        self.limit = limit
+        self._parts: list[bytes] = []
+        self._size = 0
+        #: Credit of the message being assembled, held back while another waits.
+        self._held = 0
+        #: Whole messages handed out and not yet ``written``.
+        self._waiting = 0
+
+    def feed(self, frame: Data) -> tuple[Message | None, int]:
+        """(the whole message, or None), and the credit to grant now.
+
+        Raises ``MessageTooBig`` once the message passes ``limit``.
+        """
+        size = len(frame.data)
+        self._size += size
+        if self._size > self.limit:
+            raise MessageTooBig(f"message too big (limit {self.limit} bytes)")
+        self._parts.append(frame.data)
+        if frame.more:
+            if self._waiting:
+                self._held += size
+                return None, 0
+            return None, size
+        message = Message(self._parts, frame.text, self._held + size)
+        self._parts = []
+        self._size = self._held = 0
+        self._waiting += 1
+        return message, 0
+
+    def written(self, message: Message) -> int:
+        """``message`` left for its reader: the credit to grant now."""
+        self._waiting -= 1
+        if self._waiting:
+            return message.owed
+        grant, self._held = message.owed + self._held, 0
+        return grant
 
 
 class SendWindow:

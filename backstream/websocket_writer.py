@@ -31,18 +31,20 @@ from .masking import mask as _websocket_mask
 LARGE = 64 * 1024
 
 _FIN_BINARY = 0x82
+_FIN_TEXT = 0x81
 _MASKED = 0x80
 
 
-def frame_header(length: int, mask: bytes | None = None) -> bytes:
-    """The header of one final binary frame of ``length`` payload bytes."""
+def frame_header(length: int, mask: bytes | None = None, *, text: bool = False) -> bytes:
+    """The header of one final binary (or text) frame of ``length`` payload bytes."""
     bit = _MASKED if mask else 0
+    first = _FIN_TEXT if text else _FIN_BINARY
     if length < 126:
-        head = struct.pack("!BB", _FIN_BINARY, bit | length)
+        head = struct.pack("!BB", first, bit | length)
     elif length <= 0xFFFF:
-        head = struct.pack("!BBH", _FIN_BINARY, bit | 126, length)
+        head = struct.pack("!BBH", first, bit | 126, length)
     else:
-        head = struct.pack("!BBQ", _FIN_BINARY, bit | 127, length)
+        head = struct.pack("!BBQ", first, bit | 127, length)
     return head + mask if mask else head
 
 
@@ -52,16 +54,19 @@ def mask_at(mask: bytes, offset: int, data: bytes) -> bytes:
     return _websocket_mask(mask[shift:] + mask[:shift] if shift else mask, data)
 
 
-def write_binary(connection: WebSocketProtocol | None, pieces: Sequence[bytes]) -> Future[None]:
+def write_binary(
+    connection: WebSocketProtocol | None, pieces: Sequence[bytes], *, text: bool = False
+) -> Future[None]:
     """Send ``pieces`` as one binary message, or raise ``WebSocketClosedError``.
 
+    ``text``: a text message (the pieces are its UTF-8, passed on as they are).
     The future resolves once the whole message has left for the socket.
     """
     stream = connection.stream if connection is not None else None
     if stream is None or connection is None or connection.is_closing():
         raise WebSocketClosedError()
     mask = os.urandom(4) if connection.mask_outgoing else None  # type: ignore[attr-defined]
-    waiting = [frame_header(sum(map(len, pieces)), mask)]
+    waiting = [frame_header(sum(map(len, pieces)), mask, text=text)]
     offset = 0
     try:
         for group in _groups(pieces):

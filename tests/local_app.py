@@ -45,6 +45,12 @@ Endpoints (every request whose path does not start with ``/__`` counts as a hit)
                            the text ``close`` closes with 4001; prints ``ws-open "URI"`` and
                            ``ws-closed "URI" code=N``.
 ``GET /ws/refuse``         refuses the upgrade with 403 and ``X-Refused: yes``.
+``GET /browser/ws``        a small HTML page (inline script, no external resources) for
+                           the browser test: it opens a WebSocket to ``ws://`` +
+                           ``location.host`` + ``/ws/echo``, sends ``BROWSER_WS_MESSAGE``
+                           and, when that exact text is echoed back (after the greeting),
+                           writes it into ``<p id="echo">``; ``<p id="status">`` tells
+                           how far it got (``open``, ``echoed``, ``error``, ``closed N``).
 ``GET /__hits``            JSON ``{"hits": N}``: requests seen (excluding ``/__*``).
 ``GET /__stats``           JSON: hits, slow in-flight and max in-flight, bytes written by
                            downloads so far, drip states, closed (aborted) count.
@@ -427,8 +433,13 @@ class WsEcho(tornado.websocket.WebSocketHandler):
     """WebSocket echo: greets with the request line it saw, then echoes every message.
 
     Subprotocols ``chat`` and ``superchat`` are accepted (the first one offered);
-    the text message ``close`` makes the app close with code 4001.
+    the text message ``close`` makes the app close with code 4001. Messages up
+    to 128 MiB are taken (Tornado's default is 10 MiB).
     """
+
+    @property
+    def max_message_size(self) -> int:
+        return 128 * 1024 * 1024
 
     def select_subprotocol(self, subprotocols: list[str]) -> str | None:
         return next((p for p in subprotocols if p in ("chat", "superchat")), None)
@@ -446,6 +457,54 @@ class WsEcho(tornado.websocket.WebSocketHandler):
 
     def on_close(self) -> None:
         _say(f'ws-closed "{self.request.uri}" code={self.close_code}')
+
+
+BROWSER_WS_MESSAGE = "hello through the tunnel"
+
+BROWSER_WS_PAGE = """<!doctype html>
+<html>
+<head>
+<meta charset="utf-8">
+<title>backstream browser WebSocket check</title>
+<link rel="icon" href="data:,">
+</head>
+<body>
+<h1>backstream: a WebSocket from the browser</h1>
+<p id="status">loading</p>
+<p id="echo"></p>
+<script>
+"use strict";
+const message = MESSAGE;
+const status = document.getElementById("status");
+const ws = new WebSocket("ws://" + location.host + "/ws/echo");
+ws.onopen = () => {
+  status.textContent = "open";
+  ws.send(message);
+};
+ws.onmessage = (event) => {
+  // the first message is the app's JSON greeting; wait for the echo itself
+  if (event.data === message) {
+    document.getElementById("echo").textContent = event.data;
+    status.textContent = "echoed";
+  }
+};
+ws.onerror = () => { status.textContent = "error"; };
+ws.onclose = (event) => {
+  if (status.textContent !== "echoed") { status.textContent = "closed " + event.code; }
+};
+</script>
+</body>
+</html>
+""".replace("MESSAGE", json.dumps(BROWSER_WS_MESSAGE))
+
+
+class BrowserWs(Base):
+    """The page of ``GET /browser/ws`` (see the module docstring)."""
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(BROWSER_WS_PAGE.encode())
 
 
 class WsRefuse(tornado.web.RequestHandler):
@@ -479,6 +538,7 @@ def make_app() -> tornado.web.Application:
             (r"/hopheaders", HopHeaders),
             (r"/ws/echo", WsEcho),
             (r"/ws/refuse", WsRefuse),
+            (r"/browser/ws", BrowserWs),
             (r".*", Echo),
         ],
         compress_response=False,

@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 from conftest import Tunnel
-from harness import TIMEOUTS, pattern_chunks, request
+from harness import TIMEOUTS, ProcessPool, pattern_chunks, request
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from backstream import protocol
-
 pytestmark = pytest.mark.timeout(90)
+
+MiB = 1024 * 1024
 
 
 def run(coro_fn: Callable[[], Awaitable[Any]]) -> Any:
@@ -50,12 +50,13 @@ def test_thousand_messages_keep_their_order(tunnel: Tunnel) -> None:
     assert run(go) == expected
 
 
-def test_1mib_binary_message_intact(tunnel: Tunnel) -> None:
-    """The documented limit per message (protocol.MAX_WEBSOCKET_MESSAGE) passes whole."""
-    data = b"".join(pattern_chunks(protocol.MAX_WEBSOCKET_MESSAGE))
+@pytest.mark.parametrize("size", [3 * MiB, 20 * MiB], ids=["3MiB", "20MiB"])
+def test_large_messages_cross_whole_both_ways(tunnel: Tunnel, size: int) -> None:
+    """Far larger than a stream's window (2 MiB): it travels in fragments, whole."""
+    data = b"".join(pattern_chunks(size))
 
     async def go() -> Any:
-        conn = await connect(tunnel, "/ws/echo?big=1")
+        conn = await connect(tunnel, f"/ws/echo?big={size}")
         await conn.write_message(data, binary=True)
         echoed = await conn.read_message()
         conn.close()
@@ -64,17 +65,66 @@ def test_1mib_binary_message_intact(tunnel: Tunnel) -> None:
     assert run(go) == data
 
 
-def test_message_over_the_limit_is_refused_clearly(tunnel: Tunnel) -> None:
-    """Larger messages are not silently cut: the WebSocket closes with 1009."""
-    data = b"x" * (protocol.MAX_WEBSOCKET_MESSAGE + 1)
+def test_message_over_the_limit_closes_both_ends_with_1009(procs: ProcessPool) -> None:
+    """Not silently cut: 1009 with a reason reaches the caller and the local app."""
+    app = procs.local_app()
+    srv = procs.server("--ws-max-message", "1M")
+    procs.client(srv, app, "--ws-max-message", "2M")
+    tunnel = Tunnel(srv, None, app)  # type: ignore[arg-type]
+    mark = app.mark()
 
-    async def go() -> tuple[Any, int | None]:
+    async def go() -> tuple[Any, int | None, str | None]:
         conn = await connect(tunnel, "/ws/echo?too-big=1")
-        await conn.write_message(data, binary=True)
+        await conn.write_message(b"x" * (MiB + 1), binary=True)
         message = await conn.read_message()
-        return message, conn.close_code
+        return message, conn.close_code, conn.close_reason
 
-    assert run(go) == (None, 1009)
+    message, code, reason = run(go)
+    assert (message, code) == (None, 1009) and reason, reason
+    app.wait_for(r'ws-closed "/ws/echo\?too-big=1" code=1009', timeout=15, start=mark)
+
+
+def test_message_from_the_app_over_the_client_limit_closes_with_1009(
+    procs: ProcessPool,
+) -> None:
+    """The client's own limit applies to what the local app sends: 1009 at both ends."""
+    app = procs.local_app()
+    srv = procs.server()
+    procs.client(srv, app, "--ws-max-message", "1M")
+    tunnel = Tunnel(srv, None, app)  # type: ignore[arg-type]
+    mark = app.mark()
+
+    async def go() -> tuple[Any, int | None, str | None]:
+        conn = await connect(tunnel, "/ws/echo?echo-too-big=1")
+        # The server takes it (64 MiB), the client passes it on; the app's echo is too big.
+        await conn.write_message(b"y" * (MiB + 1), binary=True)
+        message = await conn.read_message()
+        return message, conn.close_code, conn.close_reason
+
+    message, code, reason = run(go)
+    assert (message, code) == (None, 1009) and reason, reason
+    app.wait_for(r'ws-closed "/ws/echo\?echo-too-big=1" code=1009', timeout=15, start=mark)
+
+
+def test_64mib_message_byte_exact_with_bounded_memory(procs: ProcessPool) -> None:
+    """64 MiB (the default limit) crosses byte-exact; each process grows by about twice it."""
+    app = procs.local_app()
+    srv = procs.server()
+    cli = procs.client(srv, app)
+    tunnel = Tunnel(srv, cli, app)
+    data = b"".join(pattern_chunks(64 * MiB))
+    before = {p.name: p.peak_rss_kib() for p in (srv, cli)}
+
+    async def go() -> Any:
+        conn = await connect(tunnel, "/ws/echo?huge=1")
+        await conn.write_message(data, binary=True)
+        echoed = await conn.read_message()
+        conn.close()
+        return echoed
+
+    assert run(go) == data
+    growth = {p.name: (p.peak_rss_kib() - before[p.name]) / 1024 for p in (srv, cli)}
+    assert all(mib <= 2.25 * 64 for mib in growth.values()), growth
 
 
 def test_caller_close_reaches_the_app(tunnel: Tunnel) -> None:

@@ -266,3 +266,42 @@ def test_websocket_close_payload() -> None:
     assert protocol.close_payload(1005, "") == b"\x03\xed"
     assert protocol.parse_close(b"") == (1000, "")
     assert protocol.close_payload(99, "out of range") == b""
+
+
+# -- WebSocket messages in fragments --------------------------------------------------------
+
+
+@given(st.integers(min_value=0, max_value=3 * protocol.MAX_CHUNK + 7), st.booleans())
+def test_a_message_round_trips_through_its_fragments(size: int, text: bool) -> None:
+    message = bytes(i % 251 for i in range(size))
+    frames = list(protocol.fragments(5, message, text))
+    assert all(len(f.data) <= protocol.MAX_CHUNK for f in frames)
+    assert [f.more for f in frames] == [True] * (len(frames) - 1) + [False]
+    assembler = protocol.MessageAssembler(limit=size)
+    results = [assembler.feed(protocol.decode(f.encode())) for f in frames]  # type: ignore[arg-type]
+    whole = results[-1][0]
+    assert whole is not None and b"".join(whole.parts) == message and whole.text == text
+    assert all(m is None for m, _ in results[:-1])
+    # Credit: every fragment but the last is granted on arrival, the last once written.
+    assert sum(grant for _, grant in results) + whole.owed == size
+    assert assembler.written(whole) == whole.owed
+
+
+def test_a_slow_reader_holds_back_credit_for_the_next_message() -> None:
+    """While a whole message waits to be written, what follows gets no credit: bounded."""
+    assembler = protocol.MessageAssembler()
+    chunk = b"x" * protocol.MAX_CHUNK
+    first, _ = assembler.feed(Data(1, chunk))
+    assert first is not None
+    assert assembler.feed(Data(1, chunk, more=True)) == (None, 0)  # held back
+    assert assembler.feed(Data(1, chunk, more=True)) == (None, 0)
+    # The first message is written: its credit and the held credit of the second.
+    assert assembler.written(first) == 3 * protocol.MAX_CHUNK
+    assert assembler.feed(Data(1, chunk, more=True)) == (None, protocol.MAX_CHUNK)
+
+
+def test_a_message_over_the_limit_is_refused() -> None:
+    assembler = protocol.MessageAssembler(limit=protocol.MAX_CHUNK + 1)
+    assembler.feed(Data(1, b"x" * protocol.MAX_CHUNK, more=True))
+    with pytest.raises(protocol.MessageTooBig, match="limit"):
+        assembler.feed(Data(1, b"xx"))

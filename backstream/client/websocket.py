@@ -3,9 +3,10 @@
 The server forwards the public handshake as a REQUEST with the upgrade flag;
 this opens the same WebSocket to the local app (same path, headers and
 subprotocols) and answers 101 only if the app accepted, or else relays the
-app's refusal. Messages then flow both ways as DATA frames, paced by the
-stream's credit: a message from the app is read only when there is credit
-for it, and credit for the server's messages is granted once the app's
+app's refusal. Messages then flow both ways as DATA fragments, paced by the
+stream's credit: a message from the app is sent fragment by fragment as
+credit comes, and the server's fragments are rebuilt into whole messages
+(``protocol.MessageAssembler``), whose last credit is granted once the app's
 socket has taken them.
 """
 
@@ -19,7 +20,7 @@ from tornado import httpclient, iostream
 from tornado.httputil import HTTPHeaders
 from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
 
-from .. import errors, protocol, relay
+from .. import errors, heap, protocol, relay, websocket_writer
 from ..config import ClientConfig
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ class WebSocketExchange:
         self.send_window = protocol.SendWindow()
         self.recv_window = protocol.RecvWindow()
         self.conn: WebSocketClientConnection | None = None
+        self.assembler = protocol.MessageAssembler(config.ws_max_message)
         self.cancelled = False
         self._credit: asyncio.Future[None] | None = None
 
@@ -71,7 +73,7 @@ class WebSocketExchange:
             conn = await websocket_connect(
                 request,
                 subprotocols=subprotocols or None,
-                max_message_size=protocol.MAX_WEBSOCKET_MESSAGE,
+                max_message_size=config.ws_max_message,
             )
         except httpclient.HTTPClientError as e:
             self._relay_refusal(e)
@@ -108,12 +110,13 @@ class WebSocketExchange:
                 return
             text = isinstance(message, str)
             data = message.encode("utf-8") if isinstance(message, str) else message
-            while not self.send_window.spend(len(data)):
-                self._credit = asyncio.get_running_loop().create_future()
-                await self._credit
-                if self.cancelled:
-                    return
-            self.tunnel.send(protocol.Data(self.id, data, text=text).encode())
+            for fragment in protocol.fragments(self.id, data, text):
+                while not self.send_window.spend(len(fragment.data)):
+                    self._credit = asyncio.get_running_loop().create_future()
+                    await self._credit
+                    if self.cancelled:
+                        return
+                self.tunnel.send(*fragment.parts())
 
     def _relay_refusal(self, e: httpclient.HTTPClientError) -> None:
         response = e.response
@@ -134,16 +137,33 @@ class WebSocketExchange:
         if frame.end_stream:
             conn.close(*protocol.parse_close(frame.data))
             return
-        message: Any = frame.data.decode("utf-8", "replace") if frame.text else frame.data
-        size = len(frame.data)
         try:
-            written = conn.write_message(message, binary=not frame.text)
+            message, grant = self.assembler.feed(frame)
+        except protocol.MessageTooBig as e:  # both ends get 1009
+            closing = protocol.Data(self.id, protocol.close_payload(1009, str(e)), end_stream=True)
+            self.tunnel.send(closing.encode())
+            conn.close(1009, str(e))
+            return
+        self._grant(grant)
+        if message is None:
+            return
+        try:  # from its fragments, each masked into its only copy
+            written = websocket_writer.write_binary(conn.protocol, message.parts, text=message.text)
         except WebSocketClosedError:  # the app's socket is gone; read_message ends the stream
             return
-        written.add_done_callback(lambda _: self._written(size))
+        written.add_done_callback(lambda f: self._message_written(f, message))
 
-    def _written(self, size: int) -> None:
-        increment = self.recv_window.consume(size)
+    def _message_written(self, written: asyncio.Future[None], message: protocol.Message) -> None:
+        if written.cancelled() or written.exception() is not None:
+            return  # the app's socket is gone; read_message ends the stream
+        size = sum(map(len, message.parts))
+        message.parts.clear()
+        self._grant(self.assembler.written(message))
+        if size >= heap.TRIM_THRESHOLD:
+            heap.release_free_memory()
+
+    def _grant(self, size: int) -> None:
+        increment = self.recv_window.consume(size) if size else 0
         if increment and not self.cancelled:
             self.tunnel.send(protocol.Window(self.id, increment).encode())
 

@@ -70,7 +70,11 @@ def make_app(config: ServerConfig, tunnels: Tunnels, gate: Gate | None) -> Appli
                     "public_url": config.public_url,
                 },
             ),
-            Rule(_IsWebSocketUpgrade(), PassthroughHandler, relayed),
+            Rule(
+                _IsWebSocketUpgrade(),
+                PassthroughHandler,
+                {**relayed, "ws_max_message": config.ws_max_message},
+            ),
             Rule(_Anything(), PublicHandler, public),
         ],
         websocket_ping_interval=config.ping_interval or None,

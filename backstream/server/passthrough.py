@@ -4,11 +4,12 @@ The upgrade is decided by the local app: the server forwards the handshake as
 a REQUEST with the upgrade flag, the client opens a WebSocket to the app, and
 only if the app accepted (101) does the server accept the public upgrade, with
 the subprotocol the app chose. A refusal (say 403 or 404) is passed back as is.
-Each message then travels as one DATA frame, under the same flow control as
-bodies: a slow reader on either side pauses the other. A message larger than
-``MAX_WEBSOCKET_MESSAGE`` (1 MiB) closes the WebSocket with 1009 "message too
-big" on the side that received it; splitting messages across frames would
-lift that limit, at the price of holding whole messages on both sides.
+Each message then travels as DATA fragments of at most 256 KiB, under the
+same flow control as bodies (``protocol.MessageAssembler``): a message of any
+size up to ``--ws-max-message`` crosses, other streams keep moving while it
+does, and a slow reader on either side pauses the other. Tornado hands over
+whole messages, so each side holds one whole message at a time. A larger one
+closes the WebSocket with 1009 and a reason, at both ends.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import asyncio
 import logging
 from typing import Any
 
+from tornado import iostream
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
-from .. import errors, protocol, relay
+from .. import errors, heap, protocol, relay, websocket_writer
 from .admission import admit, destination
 from .gate import Gate
 from .stream import ServerStream
@@ -33,6 +35,8 @@ class PassthroughHandler(WebSocketHandler):
     stream: ServerStream | None = None
     app_subprotocol: str | None = None
     pump: asyncio.Task[None] | None = None
+    #: The close code and reason this side sent, if it closed first.
+    sent_close: tuple[int | None, str | None] | None = None
 
     def initialize(
         self,
@@ -42,7 +46,9 @@ class PassthroughHandler(WebSocketHandler):
         gate: Gate | None = None,
         trusted: tuple[relay.Network, ...] = (),
         domain: str = "",
+        ws_max_message: int = protocol.DEFAULT_WEBSOCKET_MESSAGE,
     ) -> None:
+        self.ws_max_message = ws_max_message
         self.tunnels = tunnels
         self.timeout = timeout
         self.no_client_code = no_client_code
@@ -52,7 +58,7 @@ class PassthroughHandler(WebSocketHandler):
 
     @property
     def max_message_size(self) -> int:
-        return protocol.MAX_WEBSOCKET_MESSAGE
+        return self.ws_max_message
 
     def check_origin(self, origin: str) -> bool:
         # The local app sees the Origin header and decides, as it would without a tunnel.
@@ -83,6 +89,7 @@ class PassthroughHandler(WebSocketHandler):
         self.stream = stream = tunnel.relay_request(
             request, target, 0, self.timeout, upgrade=True, trusted=trusted
         )
+        stream.assembler = protocol.MessageAssembler(self.ws_max_message)
         try:
             head = await stream.response_head()
             if head.status != 101:
@@ -127,21 +134,44 @@ class PassthroughHandler(WebSocketHandler):
     def open(self, *args: str, **kwargs: str) -> None:
         self.set_nodelay(True)
         stream = self.stream
-        assert stream is not None
+        assert stream is not None and self.ws_connection is not None
         access_log.info("WEBSOCKET %s stream=%d status=101 open", self.request.path, stream.id)
+        self._record_our_close(self.ws_connection)
         self.pump = asyncio.ensure_future(self._pump_from_app(stream))
+
+    def _record_our_close(self, connection: Any) -> None:
+        """Remember the close code this side sends (Tornado's own 1009 included).
+
+        Tornado closes an over-limit message with 1009 and drops the connection
+        without waiting for the caller's answer, so ``close_code`` stays None:
+        the local app must still be told 1009, with the reason.
+        """
+        close = connection.close
+
+        def recording(code: int | None = None, reason: str | None = None) -> None:
+            if self.sent_close is None:
+                self.sent_close = (code, reason)
+            close(code, reason)
+
+        connection.close = recording
 
     async def _pump_from_app(self, stream: ServerStream) -> None:
         """Local app -> public caller, one message at a time (write() is the backpressure)."""
         try:
-            while (frame := await stream.read_message()) is not None:
-                message: Any = frame.data.decode("utf-8", "replace") if frame.text else frame.data
-                await self.write_message(message, binary=not frame.text)
-                stream.consumed(len(frame.data))
+            while (message := await stream.read_message()) is not None:
+                # From its fragments, uncopied (text stays the UTF-8 the app sent).
+                await websocket_writer.write_binary(
+                    self.ws_connection, message.parts, text=message.text
+                )
+                size = sum(map(len, message.parts))
+                message.parts.clear()
+                stream.message_written(message)
+                if size >= heap.TRIM_THRESHOLD:
+                    heap.release_free_memory()
             code, reason = stream.close_info
         except errors.StreamError as e:
             code, reason = 1011, e.reason
-        except WebSocketClosedError:
+        except (WebSocketClosedError, iostream.StreamClosedError):
             return
         self.close(code, reason)
 
@@ -166,7 +196,10 @@ class PassthroughHandler(WebSocketHandler):
         stream = self.stream
         if stream is None or stream.closed:
             return
-        payload = protocol.close_payload(self.close_code, self.close_reason)
+        code, reason = self.close_code, self.close_reason
+        if code is None and self.sent_close is not None:
+            code, reason = self.sent_close
+        payload = protocol.close_payload(code, reason)
         stream.tunnel.send(protocol.Data(stream.id, payload, end_stream=True).encode())
         stream.fail(errors.Cancelled("public websocket closed"))  # wakes the pump
         stream.close()

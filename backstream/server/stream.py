@@ -38,6 +38,7 @@ class ServerStream:
         "timeout",
         "_chunks",
         "_messages",
+        "assembler",
         "upgrade",
         "body_open",
         "websocket",
@@ -57,7 +58,9 @@ class ServerStream:
         self.response: ResponseHead | None = None
         self.timeout = timeout
         self._chunks: collections.deque[bytes] = collections.deque()
-        self._messages: collections.deque[protocol.Data] = collections.deque()
+        self._messages: collections.deque[protocol.Message] = collections.deque()
+        #: Rebuilds the local app's WebSocket messages (set for an upgrade, with its limit).
+        self.assembler = protocol.MessageAssembler()
         #: A WebSocket upgrade was requested; once answered 101 the stream carries messages.
         self.upgrade = False
         #: The request has a body whose end the client has not been sent yet.
@@ -97,11 +100,29 @@ class ServerStream:
             if frame.end_stream:
                 self.close_info = protocol.parse_close(frame.data)
             else:
-                self._messages.append(frame)
+                self._on_fragment(frame)
+                return
         elif frame.data:
             self._chunks.append(frame.data)
         self._ended = frame.end_stream
         self.wake()
+
+    def _on_fragment(self, frame: protocol.Data) -> None:
+        try:
+            message, grant = self.assembler.feed(frame)
+        except protocol.MessageTooBig as e:
+            # Both ends get 1009: the local app now, the public caller from the pump.
+            self.close_info = (1009, str(e))
+            self._ended = True
+            closing = protocol.Data(self.id, protocol.close_payload(1009, str(e)), end_stream=True)
+            self.tunnel.send(closing.encode())
+            self.wake()
+            return
+        if grant:
+            self.consumed(grant)
+        if message is not None:
+            self._messages.append(message)
+            self.wake()
 
     def on_window(self, increment: int) -> None:
         self.send_window.grant(increment)
@@ -169,8 +190,11 @@ class ServerStream:
         self._chunks.clear()
         return chunks
 
-    async def read_message(self) -> protocol.Data | None:
-        """The next WebSocket message from the local app, or None once it closed."""
+    async def read_message(self) -> protocol.Message | None:
+        """The next WebSocket message from the local app, or None once it closed.
+
+        Call ``message_written`` once it went out: its last credit is granted then.
+        """
         while not self._messages:
             if self._error is not None:
                 raise self._error
@@ -179,21 +203,25 @@ class ServerStream:
             await self._wait()
         return self._messages.popleft()
 
+    def message_written(self, message: protocol.Message) -> None:
+        self.consumed(self.assembler.written(message))
+
     async def send_message(self, data: bytes, text: bool) -> None:
-        """Send one WebSocket message to the local app, waiting for credit."""
-        if self.closed:
-            return
-        while True:
-            if self._error is not None:
-                raise self._error
-            if self.tunnel.unsent > MAX_UNSENT:
-                self.tunnel.stalled.add(self)
-                await self._wait()
-            elif self.send_window.spend(len(data)):
-                break
-            else:
-                await self._wait()
-        self.tunnel.send(protocol.Data(self.id, data, text=text).encode())
+        """Send one WebSocket message to the local app, in fragments, waiting for credit."""
+        for fragment in protocol.fragments(self.id, data, text):
+            while True:
+                if self.closed:
+                    return
+                if self._error is not None:
+                    raise self._error
+                if self.tunnel.unsent > MAX_UNSENT:
+                    self.tunnel.stalled.add(self)
+                    await self._wait()
+                elif self.send_window.spend(len(fragment.data)):
+                    break
+                else:
+                    await self._wait()
+            self.tunnel.send(*fragment.parts())
 
     def consumed(self, size: int) -> None:
         """``size`` response bytes reached the public caller: grant more credit."""
