@@ -303,10 +303,18 @@ def build_parser() -> Any:
         help="seconds to wait for the local app's response head (default: 60)",
     )
     client.add_argument(
+        "--host-header",
+        default="preserve",
+        env_var="BACKSTREAM_HOST_HEADER",
+        metavar="preserve|rewrite|VALUE",
+        help="the Host the local app sees: the public one (preserve, default), the "
+        "destination's (rewrite; redirects to it are rewritten) or VALUE",
+    )
+    client.add_argument(
         "--preserve-host",
         action="store_true",
         env_var="BACKSTREAM_PRESERVE_HOST",
-        help="send the public Host header to the local app",
+        help="the same as --host-header preserve",
     )
     client.add_argument(
         "--ping-interval",
@@ -400,7 +408,7 @@ def client_config(args: argparse.Namespace) -> ClientConfig:
         har_unmasked=args.har_unmasked,
         har_body_limit=args.har_body_limit,
         timeout=args.timeout,
-        preserve_host=args.preserve_host,
+        host_header=_host_header(args.host_header, args.preserve_host),
         ping_interval=args.ping_interval,
         ping_timeout=args.ping_timeout,
         max_concurrency=args.max_concurrency,
@@ -415,6 +423,17 @@ def _checked(check: Any, text: str) -> Any:
         return check(text)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def _host_header(mode: str, preserve: bool) -> str:
+    mode = mode.strip()
+    if mode.lower() in ("preserve", "rewrite"):
+        mode = mode.lower()
+    elif not re.fullmatch(r"[\x21-\x7e]+", mode):
+        raise ConfigError(f"invalid --host-header {mode!r}: preserve, rewrite or a host[:port]")
+    if preserve and mode != "preserve":
+        raise ConfigError(f"--preserve-host contradicts --host-header {mode}")
+    return mode
 
 
 def _public_url(text: str) -> str:

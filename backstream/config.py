@@ -74,8 +74,9 @@ class ClientConfig:
     har_body_limit: int = 1024 * 1024
     #: Seconds to wait for the local app's response head (default 60).
     timeout: float = 60.0
-    #: Send the public Host header to the local app instead of the destination's.
-    preserve_host: bool = False
+    #: The Host the local app sees (``--host-header``): ``preserve`` (default, the
+    #: public one), ``rewrite`` (the destination's) or a literal value.
+    host_header: str = "preserve"
     #: Seconds between WebSocket pings to the server (default 20).
     ping_interval: float = 20.0
     #: Seconds without a pong before the tunnel is declared dead (default 20).
@@ -89,6 +90,11 @@ class ClientConfig:
     name: str = ""
     #: Largest WebSocket message relayed, in bytes (``--ws-max-message``; default 64 MiB).
     ws_max_message: int = DEFAULT_WEBSOCKET_MESSAGE
+
+    @property
+    def dst_netloc(self) -> str:
+        """``host:port`` of the destination, its ``Host`` with ``--host-header rewrite``."""
+        return self.dst_origin.split("://", 1)[1]
 
 
 def parse_addr(addr: str) -> tuple[str, int]:

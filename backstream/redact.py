@@ -53,6 +53,8 @@ DEFAULT_QUERY = (
 )
 
 _CREDENTIAL_RE = re.compile(r"(?i)\b(bearer|basic|digest)\s+[A-Za-z0-9._~+/=-]+")
+#: ``scheme://user:password@`` in a URL.
+_USERINFO_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#@\s'\"]*@")
 
 
 class Redactor:
@@ -67,7 +69,7 @@ class Redactor:
             (?<![\w-])({names})             # a secret header name
             (['"]?\s*[:=,]\s*)              # a separator, maybe after a closing quote
             (?:
-              (['"])((?:\\.|(?!\3).)*)\3    # a quoted value, up to its closing quote
+              (['"])((?:\\.|(?!\3)[^\\])*)\3  # a quoted value, to its closing quote
             | ((?:(?!;\s[\w-]+:\s)[^\r\n])*) # or up to "; Next-Header: " or the line's end
             )
             """
@@ -75,13 +77,15 @@ class Redactor:
         params = "|".join(re.escape(q) for q in sorted(self.query, key=len, reverse=True))
         self._query_re = re.compile(rf"(?i)([?&;](?:{params})=)([^&;#\s'\"]*)")
         # Cheap pre-check: a line with none of these has no secret header or credential.
-        triggers = {*self.headers, "bearer", "basic", "digest"}
-        self._trigger_re = re.compile("|".join(re.escape(t) for t in triggers), re.IGNORECASE)
+        self._triggers = tuple({*self.headers, "bearer", "basic", "digest", "@"})
 
     def mask_headers(self, headers: Iterable[tuple[str, str]]) -> Headers:
-        """A copy of ``headers`` with secret values replaced."""
+        """A copy of ``headers`` with secret values, and query secrets in URLs, replaced."""
         secret = self.headers
-        return [(n, MASK if n.lower() in secret else v) for n, v in headers]
+        return [
+            (n, MASK if n.lower() in secret else self.mask_target(v) if "?" in v else v)
+            for n, v in headers
+        ]
 
     def mask_query(self, pairs: Iterable[tuple[str, str]]) -> Headers:
         """A copy of parsed query ``pairs`` with secret values replaced."""
@@ -89,15 +93,18 @@ class Redactor:
         return [(n, MASK if n.lower() in secret else v) for n, v in pairs]
 
     def mask_target(self, target: str) -> str:
-        """A URL or request target with secret query values replaced."""
-        if "?" not in target:
+        """A URL or request target with secret query values (and any password) replaced."""
+        if "@" in target:
+            target = _USERINFO_RE.sub(r"\1" + MASK + "@", target)
+        if "?" not in target or "=" not in target:
             return target
         return self._query_re.sub(lambda m: m.group(1) + MASK, target)
 
     def mask_text(self, text: str) -> str:
         """Any formatted line with secret values replaced."""
         text = self.mask_target(text)
-        if self._trigger_re.search(text) is None:
+        lowered = text.lower()
+        if not any(trigger in lowered for trigger in self._triggers):
             return text
         text = self._header_re.sub(_mask_header_match, text)
         return _CREDENTIAL_RE.sub(lambda m: m.group(1) + " " + MASK, text)

@@ -309,6 +309,64 @@ def origin_form(target: str) -> str:
     raise ValueError(f"unsupported request target {target[:100]!r}")
 
 
+def upstream_host(mode: str, public_host: str, destination: str) -> str:
+    """The ``Host`` sent to the local app for ``--host-header`` ``mode``.
+
+    ``preserve``: the caller's (as nginx's ``proxy_set_header Host $host``);
+    ``rewrite``: the destination's ``host:port``; anything else is sent as it is.
+    """
+    if mode == "preserve":
+        return public_host or destination
+    if mode == "rewrite":
+        return destination
+    return mode
+
+
+#: Response headers that may point the caller at the local app's own address.
+LOCATION_HEADERS = frozenset({"location", "content-location", "refresh"})
+
+
+def public_origin(headers: Iterable[tuple[str, str]]) -> str:
+    """``scheme://host`` the caller used, from the forwarding headers the server set."""
+    proto = host = ""
+    for name, value in headers:
+        key = name.lower()
+        if key == "x-forwarded-proto" and not proto:
+            proto = value.split(",")[0].strip()
+        elif key == "x-forwarded-host" and not host:
+            host = value.split(",")[0].strip()
+    return f"{proto or 'http'}://{host}" if host else ""
+
+
+def rewrite_locations(headers: Headers, local: str, public: str) -> Headers:
+    """Point redirects at the public origin, as nginx's ``proxy_redirect default``.
+
+    ``local`` is the destination's origin and base path (``http://127.0.0.1:3000/app``),
+    ``public`` the caller's origin: a ``Location``, ``Content-Location`` or
+    ``Refresh`` URL under ``local`` is moved under ``public``; nothing else changes.
+    """
+    if not public:
+        return headers
+    out: Headers = []
+    prefix = local.rstrip("/").lower()
+    for name, value in headers:
+        if name.lower() in LOCATION_HEADERS:
+            value = _rewrite_url(value, prefix, public)
+        out.append((name, value))
+    return out
+
+
+def _rewrite_url(value: str, prefix: str, public: str) -> str:
+    # Refresh: "5; url=http://...": the URL is after "url=".
+    start = value.lower().find("url=") + 4 if "url=" in value.lower() else 0
+    url = value[start:].strip().strip("'\"")
+    lowered = url.lower()
+    if lowered == prefix or lowered.startswith(prefix + "/") or lowered.startswith(prefix + "?"):
+        rest = url[len(prefix) :]
+        return value[:start] + public + (rest if rest.startswith(("/", "?")) else "/" + rest)
+    return value
+
+
 def upstream_target(base_path: str, target: str) -> str:
     """The request target sent to the local app: the ``-d`` base path + origin-form."""
     return base_path.rstrip("/") + origin_form(target)

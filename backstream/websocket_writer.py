@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from tornado.concurrent import Future
 from tornado.iostream import StreamClosedError
@@ -84,6 +85,26 @@ def write_binary(
     except StreamClosedError:
         raise WebSocketClosedError() from None
     return written
+
+
+def record_sent_close(connection: Any) -> list[tuple[int | None, str | None]]:
+    """Make a Tornado WebSocket protocol remember the close it sends, Tornado's own too.
+
+    Tornado closes a message over its limit with 1009 and drops the connection
+    at once, without waiting for the peer's answer, so ``close_code`` stays
+    None: the other end of the relay must still be told 1009 and the reason.
+    The returned list holds the first close sent, once there is one.
+    """
+    sent: list[tuple[int | None, str | None]] = []
+    close = connection.close
+
+    def recording(code: int | None = None, reason: str | None = None) -> None:
+        if not sent:
+            sent.append((code, reason))
+        close(code, reason)
+
+    connection.close = recording
+    return sent
 
 
 def _groups(pieces: Sequence[bytes]) -> Iterator[bytes]:

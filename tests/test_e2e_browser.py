@@ -6,8 +6,8 @@ for Python (the ``playwright`` package of the ``test`` extra, sync API) with
 installs the Debian package when it is missing; this test never skips: without Chromium
 or Playwright it fails and says how to install them.
 
-The server runs with ``--domain tunnel.test`` and the client with ``--name myapp`` (and
-``--preserve-host``, since the app checks the WebSocket's ``Origin`` against ``Host``); Chromium
+The server runs with ``--domain tunnel.test`` and the client with ``--name myapp`` (the app
+sees the public ``Host``, which its WebSocket ``Origin`` check needs); Chromium
 resolves ``*.tunnel.test`` to 127.0.0.1 (``--host-resolver-rules``), so the page
 ``http://myapp.tunnel.test:PORT/browser/ws`` reaches the server with that ``Host`` and is
 routed to the tunnel by name. The page (served by ``tests/local_app.py``) opens a WebSocket
@@ -72,10 +72,11 @@ def test_browser_websocket_through_a_named_tunnel(procs: ProcessPool, tmp_path: 
 
     app = procs.local_app()
     srv = procs.server("--domain", DOMAIN)
-    # --preserve-host: the browser's Origin names the public host, and the local app
-    # (Tornado's WebSocketHandler.check_origin, like most apps) refuses a WebSocket whose
-    # Origin differs from its Host with 403, so the app must see the public Host
-    cli = procs.client(srv, app, "--name", NAME, "--preserve-host")
+    # The browser's Origin names the public host, and the local app (Tornado's
+    # WebSocketHandler.check_origin, like most apps) refuses a WebSocket whose Origin
+    # differs from its Host with 403: this works because the app sees the public Host
+    # (--host-header preserve, the default).
+    cli = procs.client(srv, app, "--name", NAME)
     forwarding = cli.wait_for(r"forwarding (\S+) -> (\S+)", TIMEOUTS.connect)
     public_url = forwarding.group(1)
     assert public_url.lower() == f"http://{NAME}.{DOMAIN}:{srv.port}", forwarding.group(0)

@@ -24,6 +24,7 @@ from harness import (
     pattern_sha256,
     raw_request,
     request,
+    run_cli,
 )
 from local_app import GZIP_PLAIN
 
@@ -398,18 +399,68 @@ def test_forwarded_for_from_a_trusted_proxy_is_appended_to(procs: ProcessPool) -
     assert chain == ["203.0.113.9", "127.0.0.1"]
 
 
-def test_host_is_destination_by_default(tunnel: Tunnel) -> None:
+def test_host_is_the_public_one_by_default(tunnel: Tunnel) -> None:
+    """As behind nginx with proxy_set_header Host $host: apps build URLs and check Origin."""
     j = echo(tunnel.server, "GET", "/host", [("Host", "public.example:8443")])
-    assert app_headers(j, "Host") == [tunnel.app.netloc]
+    assert app_headers(j, "Host") == ["public.example:8443"]
     assert app_headers(j, "X-Forwarded-Host") == ["public.example:8443"]
 
 
-def test_preserve_host(procs: ProcessPool) -> None:
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--preserve-host"], "public.example:8443"),
+        (["--host-header", "preserve"], "public.example:8443"),
+        (["--host-header", "rewrite"], None),  # the destination's host:port
+        (["--host-header", "app.internal:3000"], "app.internal:3000"),
+    ],
+    ids=["alias", "preserve", "rewrite", "literal"],
+)
+def test_host_header_modes(procs: ProcessPool, flags: list[str], expected: str | None) -> None:
     app = procs.local_app()
     srv = procs.server()
-    procs.client(srv, app, "--preserve-host")
+    procs.client(srv, app, *flags)
     j = echo(srv, "GET", "/host", [("Host", "public.example:8443")])
-    assert app_headers(j, "Host") == ["public.example:8443"]
+    assert app_headers(j, "Host") == [expected or app.netloc]
+    assert app_headers(j, "X-Forwarded-Host") == ["public.example:8443"]
+
+
+def test_host_header_mode_from_the_environment(procs: ProcessPool) -> None:
+    app = procs.local_app()
+    srv = procs.server()
+    procs.client(srv, app, env={"BACKSTREAM_HOST_HEADER": "rewrite"})
+    j = echo(srv, "GET", "/host", [("Host", "public.example:8443")])
+    assert app_headers(j, "Host") == [app.netloc]
+
+
+@pytest.mark.parametrize("mode", ["rewrite", "app.internal:3000"])
+def test_redirects_to_the_destination_are_rewritten(procs: ProcessPool, mode: str) -> None:
+    """Like nginx's proxy_redirect default: the caller is never sent to the local address."""
+    app = procs.local_app()
+    srv = procs.server()
+    procs.client(srv, app, "--host-header", mode)
+    public = [("Host", "public.example:8443")]
+    r = request(srv, "GET", f"/redirect?to={app.url}/items&code=307", public)
+    assert r.status == 307 and r.header("Location") == "http://public.example:8443/items"
+    r = request(srv, "GET", "/redirect?to=https://elsewhere.example/x", public)
+    assert r.header("Location") == "https://elsewhere.example/x"
+
+
+def test_redirects_are_untouched_when_the_host_is_preserved(procs: ProcessPool) -> None:
+    app = procs.local_app()
+    srv = procs.server()
+    procs.client(srv, app)
+    local = f"{app.url}/items"
+    r = request(srv, "GET", f"/redirect?to={local}", [("Host", "public.example:8443")])
+    assert r.header("Location") == local  # the app saw the public Host: its URLs are its own
+
+
+def test_an_invalid_host_header_mode_is_refused() -> None:
+    r = run_cli("client", "-s", "http://x", "-d", "http://y", "--host-header", "a b")
+    assert r.returncode == 2 and "invalid --host-header" in r.stderr
+    both = ("--preserve-host", "--host-header", "rewrite")
+    r = run_cli("client", "-s", "http://x", "-d", "http://y", *both)
+    assert r.returncode == 2 and "contradicts" in r.stderr
 
 
 # -- destination base path and escapes -------------------------------------------------------
@@ -447,6 +498,10 @@ ESCAPES = [
     "http://127.0.0.1:{decoy}",
     "*",
 ]
+
+
+#: The escape tests check that the app sees its own Host, whatever the target says.
+REWRITE = ("--host-header", "rewrite")
 
 
 def _check_escape(
@@ -492,7 +547,7 @@ def test_request_target_cannot_reach_another_host(procs: ProcessPool) -> None:
     app = procs.local_app()
     decoy = procs.local_app()
     srv = procs.server()
-    procs.client(srv, app)
+    procs.client(srv, app, *REWRITE)
     problems = _check_escape(srv, app, decoy, "", ESCAPES)
     assert decoy.hits() == 0
     assert not problems, "\n".join(problems)
@@ -502,7 +557,7 @@ def test_request_target_cannot_escape_base_path(procs: ProcessPool) -> None:
     app = procs.local_app()
     decoy = procs.local_app()
     srv = procs.server()
-    procs.client(srv, app.url + "/base")
+    procs.client(srv, app.url + "/base", *REWRITE)
     problems = _check_escape(srv, app, decoy, "/base", ESCAPES)
     assert decoy.hits() == 0
     assert not problems, "\n".join(problems)
@@ -518,6 +573,6 @@ def test_dot_segments_cannot_climb_above_base_path(procs: ProcessPool) -> None:
     app = procs.local_app()
     decoy = procs.local_app()
     srv = procs.server()
-    procs.client(srv, app.url + "/base")
+    procs.client(srv, app.url + "/base", *REWRITE)
     problems = _check_escape(srv, app, decoy, "/base", ESCAPES, confine_dots=True)
     assert not problems, "\n".join(problems)

@@ -433,3 +433,33 @@ def test_domain_is_normalized() -> None:
     assert routing.normalize_domain("Tunnel.Example.COM.") == "tunnel.example.com"
     with pytest.raises(ValueError):
         routing.normalize_domain("bad_domain.com")
+
+
+def test_upstream_host_modes() -> None:
+    assert relay.upstream_host("preserve", "public.example", "127.0.0.1:3000") == "public.example"
+    assert relay.upstream_host("preserve", "", "127.0.0.1:3000") == "127.0.0.1:3000"
+    assert relay.upstream_host("rewrite", "public.example", "127.0.0.1:3000") == "127.0.0.1:3000"
+    assert relay.upstream_host("app.internal", "public.example", "x:1") == "app.internal"
+
+
+def test_redirects_under_the_destination_move_to_the_public_origin() -> None:
+    local, public = "http://127.0.0.1:3000/app", "https://pub.example"
+    headers = [
+        ("Location", "http://127.0.0.1:3000/app/items?x=1"),
+        ("Content-Location", "HTTP://127.0.0.1:3000/app"),
+        ("Refresh", "5; url=http://127.0.0.1:3000/app/next"),
+        ("Location", "http://127.0.0.1:3000/other"),  # outside the base path: kept
+        ("Location", "http://127.0.0.1:3000/apple"),  # a longer name, not under /app
+        ("Link", "<http://127.0.0.1:3000/app/x>"),  # not a redirect header
+    ]
+    assert relay.rewrite_locations(headers, local, public) == [
+        ("Location", "https://pub.example/items?x=1"),
+        ("Content-Location", "https://pub.example/"),
+        ("Refresh", "5; url=https://pub.example/next"),
+        ("Location", "http://127.0.0.1:3000/other"),
+        ("Location", "http://127.0.0.1:3000/apple"),
+        ("Link", "<http://127.0.0.1:3000/app/x>"),
+    ]
+    forwarded = [("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", "pub.example")]
+    assert relay.public_origin(forwarded) == public
+    assert relay.public_origin([]) == ""

@@ -179,11 +179,7 @@ class Exchange:
             raise errors.Cancelled("cancelled before the transfer started")
         self.curl = curl
         head, config = self.head, self.config
-        host = (
-            dict((n.lower(), v) for n, v in head.headers).get("host", head.host)
-            if config.preserve_host
-            else config.dst_origin.split("://", 1)[1]
-        )
+        host = relay.upstream_host(config.host_header, head.host, config.dst_netloc)
         target = relay.upstream_target(config.dst_base_path, head.target)
         curl.setopt(pycurl.REQUEST_TARGET, target.encode("latin-1", "replace"))
         curl.setopt(
@@ -250,6 +246,10 @@ class Exchange:
         # These responses never have a body: end the stream with the head.
         self.end_sent = self.head.method == "HEAD" or self.status in (204, 304)
         headers = relay.strip_hop_by_hop(self.response_headers)
+        if self.config.host_header != "preserve":  # the app built its URLs from our Host
+            public = relay.public_origin(self.head.headers)
+            local = self.config.dst_origin + self.config.dst_base_path
+            headers = relay.rewrite_locations(headers, local, public)
         head = protocol.ResponseHead(self.id, self.status, self.reason, headers, self.end_sent)
         self.tunnel.send(head.encode())
         if self.har is not None:

@@ -44,6 +44,11 @@ class WebSocketExchange:
         self.recv_window = protocol.RecvWindow()
         self.conn: WebSocketClientConnection | None = None
         self.assembler = protocol.MessageAssembler(config.ws_max_message)
+        #: A message from the server was over the limit: the rest of it is dropped.
+        self.discarding = False
+        #: The closing DATA went to the server (once per stream, whoever closed first).
+        self.close_sent = False
+        self.sent_close: list[tuple[int | None, str | None]] = []
         self.cancelled = False
         self._credit: asyncio.Future[None] | None = None
 
@@ -54,8 +59,8 @@ class WebSocketExchange:
     async def run(self, http_client: Any = None) -> None:
         head, config = self.head, self.config
         headers = [(n, v) for n, v in head.headers if n.lower() not in _NOT_FORWARDED]
-        if config.preserve_host:
-            headers.append(("Host", head.host))
+        host = relay.upstream_host(config.host_header, head.host, config.dst_netloc)
+        headers.append(("Host", host))
         subprotocols = [
             p.strip()
             for n, v in head.headers
@@ -88,6 +93,8 @@ class WebSocketExchange:
             conn.close()
             return
         self.conn = conn
+        if conn.protocol is not None:
+            self.sent_close = websocket_writer.record_sent_close(conn.protocol)
         accepted = []
         if conn.selected_subprotocol:
             accepted.append(("Sec-WebSocket-Protocol", conn.selected_subprotocol))
@@ -105,8 +112,10 @@ class WebSocketExchange:
             if self.cancelled:
                 return
             if message is None:
-                payload = protocol.close_payload(conn.close_code, conn.close_reason)
-                self.tunnel.send(protocol.Data(self.id, payload, end_stream=True).encode())
+                code, reason = conn.close_code, conn.close_reason
+                if code is None and self.sent_close:  # this side closed: say with what
+                    code, reason = self.sent_close[0]
+                self._send_close(code, reason)
                 return
             text = isinstance(message, str)
             data = message.encode("utf-8") if isinstance(message, str) else message
@@ -117,6 +126,12 @@ class WebSocketExchange:
                     if self.cancelled:
                         return
                 self.tunnel.send(*fragment.parts())
+
+    def _send_close(self, code: int | None, reason: str | None) -> None:
+        if not self.close_sent:
+            self.close_sent = True
+            payload = protocol.close_payload(code, reason)
+            self.tunnel.send(protocol.Data(self.id, payload, end_stream=True).encode())
 
     def _relay_refusal(self, e: httpclient.HTTPClientError) -> None:
         response = e.response
@@ -134,14 +149,18 @@ class WebSocketExchange:
         conn = self.conn
         if conn is None:
             return
-        if frame.end_stream:
+        if frame.end_stream:  # the caller's side closed: pass it on, and stop relaying
             conn.close(*protocol.parse_close(frame.data))
+            self.close_sent = self.cancelled = True
+            self._wake()  # a pump waiting for credit that will never come
+            return
+        if self.discarding:
             return
         try:
             message, grant = self.assembler.feed(frame)
-        except protocol.MessageTooBig as e:  # both ends get 1009
-            closing = protocol.Data(self.id, protocol.close_payload(1009, str(e)), end_stream=True)
-            self.tunnel.send(closing.encode())
+        except protocol.MessageTooBig as e:  # both ends get 1009; the rest is dropped
+            self.discarding = True
+            self._send_close(1009, str(e))
             conn.close(1009, str(e))
             return
         self._grant(grant)

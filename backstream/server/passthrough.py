@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from tornado import iostream
@@ -24,19 +25,22 @@ from tornado.websocket import WebSocketClosedError, WebSocketHandler
 from .. import errors, heap, protocol, relay, websocket_writer
 from .admission import admit, destination
 from .gate import Gate
+from .screen import answer_and_close
 from .stream import ServerStream
 from .tunnel import Tunnels
 
 log = logging.getLogger("backstream.server")
 access_log = logging.getLogger("backstream.access")
 
+_lingering: set[asyncio.Task[None]] = set()
+
 
 class PassthroughHandler(WebSocketHandler):
     stream: ServerStream | None = None
     app_subprotocol: str | None = None
     pump: asyncio.Task[None] | None = None
-    #: The close code and reason this side sent, if it closed first.
-    sent_close: tuple[int | None, str | None] | None = None
+    #: The close code and reason this side sent (one at most), Tornado's 1009 included.
+    sent_close: Sequence[tuple[int | None, str | None]] = ()
 
     def initialize(
         self,
@@ -136,24 +140,38 @@ class PassthroughHandler(WebSocketHandler):
         stream = self.stream
         assert stream is not None and self.ws_connection is not None
         access_log.info("WEBSOCKET %s stream=%d status=101 open", self.request.path, stream.id)
-        self._record_our_close(self.ws_connection)
+        self.sent_close = websocket_writer.record_sent_close(self.ws_connection)
+        self._linger_after_too_big(self.ws_connection)
         self.pump = asyncio.ensure_future(self._pump_from_app(stream))
 
-    def _record_our_close(self, connection: Any) -> None:
-        """Remember the close code this side sends (Tornado's own 1009 included).
+    def _linger_after_too_big(self, connection: Any) -> None:
+        """After Tornado's own 1009, let the close frame reach the caller.
 
-        Tornado closes an over-limit message with 1009 and drops the connection
-        without waiting for the caller's answer, so ``close_code`` stays None:
-        the local app must still be told 1009, with the reason.
+        Tornado drops the connection right after sending it, while the caller is
+        still sending the rest of its message: the reset that unread data causes
+        would often destroy the close frame. So the socket is shut for writing
+        and drained for a moment first, as after a refused request.
         """
-        close = connection.close
+        abort = connection._abort
+        lingering: list[bool] = []
 
-        def recording(code: int | None = None, reason: str | None = None) -> None:
-            if self.sent_close is None:
-                self.sent_close = (code, reason)
-            close(code, reason)
+        def lingering_abort() -> None:
+            stream = connection.stream
+            if lingering:
+                return  # already draining: Tornado aborts again when the stream closes
+            if not self.sent_close or self.sent_close[0][0] != 1009 or stream is None:
+                abort()
+                return
+            lingering.append(True)
+            connection.client_terminated = connection.server_terminated = True
+            # The rest of the refused message may follow: drain up to twice the limit,
+            # for as long as Tornado waits for a closing handshake.
+            drain = answer_and_close(stream, b"", limit=2 * self.ws_max_message, seconds=5.0)
+            task = asyncio.ensure_future(drain)
+            _lingering.add(task)
+            task.add_done_callback(_lingering.discard)
 
-        connection.close = recording
+        connection._abort = lingering_abort
 
     async def _pump_from_app(self, stream: ServerStream) -> None:
         """Local app -> public caller, one message at a time (write() is the backpressure)."""
@@ -197,8 +215,8 @@ class PassthroughHandler(WebSocketHandler):
         if stream is None or stream.closed:
             return
         code, reason = self.close_code, self.close_reason
-        if code is None and self.sent_close is not None:
-            code, reason = self.sent_close
+        if code is None and self.sent_close:
+            code, reason = self.sent_close[0]
         payload = protocol.close_payload(code, reason)
         stream.tunnel.send(protocol.Data(stream.id, payload, end_stream=True).encode())
         stream.fail(errors.Cancelled("public websocket closed"))  # wakes the pump

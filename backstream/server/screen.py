@@ -94,19 +94,24 @@ class HeadScreen(httputil.HTTPMessageDelegate):
             self.inner.on_connection_close()
 
 
-async def answer_and_close(stream: iostream.IOStream, answer: bytes) -> None:
+async def answer_and_close(
+    stream: iostream.IOStream,
+    answer: bytes,
+    limit: int = LINGER_BYTES,
+    seconds: float = LINGER_SECONDS,
+) -> None:
     """Write ``answer``, then read and drop what the caller still sends, then close.
 
     Closing a socket with unread bytes sends a reset, which can destroy the
     answer before the caller read it; so the write side is shut first and the
-    rest is drained, bounded in bytes and time (a "lingering close").
+    rest is drained, bounded in bytes (``limit``) and ``seconds`` (a "lingering close").
     """
     try:
         await stream.write(answer)
         stream.socket.shutdown(socket.SHUT_WR)
-        deadline = asyncio.get_running_loop().time() + LINGER_SECONDS
+        deadline = asyncio.get_running_loop().time() + seconds
         drained = 0
-        while drained < LINGER_BYTES:
+        while drained < limit:
             chunk = await gen.with_timeout(
                 deadline,
                 stream.read_bytes(64 * 1024, partial=True),

@@ -39,6 +39,7 @@ class ServerStream:
         "_chunks",
         "_messages",
         "assembler",
+        "_discarding",
         "upgrade",
         "body_open",
         "websocket",
@@ -61,6 +62,8 @@ class ServerStream:
         self._messages: collections.deque[protocol.Message] = collections.deque()
         #: Rebuilds the local app's WebSocket messages (set for an upgrade, with its limit).
         self.assembler = protocol.MessageAssembler()
+        #: A message was over the limit: the rest of it is dropped, the WebSocket closed.
+        self._discarding = False
         #: A WebSocket upgrade was requested; once answered 101 the stream carries messages.
         self.upgrade = False
         #: The request has a body whose end the client has not been sent yet.
@@ -97,11 +100,12 @@ class ServerStream:
             raise errors.ProtocolError(f"DATA after the end of stream {self.id}")
         self.recv_window.receive(len(frame.data))
         if self.websocket:
-            if frame.end_stream:
-                self.close_info = protocol.parse_close(frame.data)
-            else:
-                self._on_fragment(frame)
+            if not frame.end_stream:
+                if not self._discarding:
+                    self._on_fragment(frame)
                 return
+            if not self._discarding:
+                self.close_info = protocol.parse_close(frame.data)
         elif frame.data:
             self._chunks.append(frame.data)
         self._ended = frame.end_stream
@@ -111,11 +115,10 @@ class ServerStream:
         try:
             message, grant = self.assembler.feed(frame)
         except protocol.MessageTooBig as e:
-            # Both ends get 1009: the local app now, the public caller from the pump.
+            # The pump closes the public WebSocket with 1009, and that close is
+            # relayed to the local app; what is still coming of the message is dropped.
             self.close_info = (1009, str(e))
-            self._ended = True
-            closing = protocol.Data(self.id, protocol.close_payload(1009, str(e)), end_stream=True)
-            self.tunnel.send(closing.encode())
+            self._discarding = True
             self.wake()
             return
         if grant:
@@ -198,7 +201,7 @@ class ServerStream:
         while not self._messages:
             if self._error is not None:
                 raise self._error
-            if self._ended:
+            if self._ended or self._discarding:
                 return None
             await self._wait()
         return self._messages.popleft()
