@@ -102,6 +102,9 @@ class HarRecorder:
         shown = headers if self.unmasked else redact.current().mask_headers(headers)
         return [{"name": n, "value": v} for n, v in shown]
 
+    def _url(self, url: str) -> str:
+        return url if self.unmasked else redact.current().mask_target(url)
+
     def _query(self, url: str) -> list[dict[str, str]]:
         pairs = urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query, keep_blank_values=True)
         shown = pairs if self.unmasked else redact.current().mask_query(pairs)
@@ -113,7 +116,7 @@ class HarRecorder:
         wait = (entry.waited or 0) * 1000
         request: dict[str, Any] = {
             "method": head.method,
-            "url": entry.url if self.unmasked else redact.current().mask_target(entry.url),
+            "url": self._url(entry.url),
             "httpVersion": "HTTP/1.1",
             "cookies": [],
             "headers": self._headers(head.headers),
@@ -135,7 +138,7 @@ class HarRecorder:
                 "mimeType": _header(entry.headers, "content-type"),
                 **entry.response_.as_har(),
             },
-            "redirectURL": _header(entry.headers, "location"),
+            "redirectURL": self._url(_header(entry.headers, "location")),
             "headersSize": -1,
             "bodySize": entry.response_.size,
         }

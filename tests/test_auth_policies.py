@@ -147,6 +147,7 @@ class PolicyCases:
                 claim(alice, "alice-staging"),
                 claim(bob, "bob"),
                 claim(ci, ""),
+                claim(ci, "h5isdmnqwq"),  # its random name again, after a reconnect
             ],
             [
                 claim(alice, "bob"),
@@ -188,6 +189,7 @@ class PolicyCases:
                     "/x/..%2Fadmin",
                     "/x/..%5cadmin",
                     "/x\\..\\admin",
+                    "/x/..;/admin",
                 )
             ],
         )

@@ -193,15 +193,22 @@ class Pool:
         return hmac.compare_digest(self.owner, credential)
 
     def pick(self) -> Tunnel | None:
-        """The member with the fewest streams in flight (ties in turn), or None."""
+        """The member with the fewest streams in flight (ties in turn), or None.
+
+        A member whose tunnel is closing, or whose client stopped reading
+        (``MAX_UNSENT`` queued), gets nothing new: not even a request head.
+        """
         members = self.members
-        if len(members) < 2:
-            return members[0] if members else None
-        self._turn = turn = (self._turn + 1) % len(members)
-        best = members[turn]
-        for i in range(1, len(members)):
+        if len(members) == 1:
+            only = members[0]
+            return only if only.open and only.unsent <= MAX_UNSENT else None
+        self._turn = turn = (self._turn + 1) % max(len(members), 1)
+        best: Tunnel | None = None
+        for i in range(len(members)):
             member = members[(turn + i) % len(members)]
-            if len(member.streams) < len(best.streams):
+            if not member.open or member.unsent > MAX_UNSENT:
+                continue
+            if best is None or len(member.streams) < len(best.streams):
                 best = member
         return best
 

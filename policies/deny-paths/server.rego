@@ -1,8 +1,9 @@
 # Everything is public except /admin and /internal, however the path is spelled.
 # A deny-list must read input.path_normalized: "//admin", "/%61dmin" and
 # "/x/../admin" all reach an app's /admin, while input.path keeps them as sent.
-# Matching is case-insensitive (some apps route that way), and encoded slashes
-# and backslashes are refused (some apps decode them into "/").
+# Matching is case-insensitive (some apps route that way), and encoded slashes,
+# backslashes and "..;" are refused (some apps decode them into "/", and Tomcat
+# and Spring read "/x/..;/admin" as "/admin").
 package auth.server
 
 import rego.v1
@@ -20,7 +21,7 @@ denied if {
 }
 
 denied if {
-	some separator in ["%2f", "%5c", `\`]
+	some separator in ["%2f", "%5c", `\`, "..;"]
 	contains(lower(input.path_normalized), separator)
 }
 

@@ -1,6 +1,7 @@
 # Each token may claim only its own tunnel names (backstream client --name NAME
 # -H "Authorization: Bearer TOKEN"). A client without --name on a server with
-# --domain gets a random name: allowed for tokens whose list holds "*".
+# --domain gets a random name, and asks for it again when it reconnects: both
+# are allowed for tokens whose list holds "*", for any name no token lists.
 # The server also keeps every name for the credentials that claimed it first.
 package auth.client
 
@@ -24,5 +25,10 @@ claims(names, name) if name in names
 
 claims(names, name) if {
 	"*" in names
-	name == ""
+	not listed(name)
+}
+
+listed(name) if {
+	some listed_names in names_of_token
+	name in listed_names
 }
