@@ -463,3 +463,16 @@ def test_redirects_under_the_destination_move_to_the_public_origin() -> None:
     forwarded = [("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", "pub.example")]
     assert relay.public_origin(forwarded) == public
     assert relay.public_origin([]) == ""
+
+
+@pytest.mark.timeout(30)  # a hang guard: the old pattern took hours on these lines
+def test_masking_does_not_backtrack_on_hostile_lines() -> None:
+    """An unclosed quote before a long run of backslashes once took exponential time:
+    any request path reaches the access log, so one request could stall the server."""
+    redactor = redact.Redactor()
+    for line in (
+        'GET /authorization:"' + "\\" * 50_000 + " x",
+        "GET /cookie='" + "\\'" * 20_000,
+        "GET /" + "authorization:" * 5_000,
+    ):
+        assert redactor.mask_text(line).startswith("GET /")
