@@ -75,6 +75,8 @@ from local_app import pattern_chunks, pattern_sha256
 
 __all__ = [
     "BACKSTREAM_CMD",
+    "CHROMIUM",
+    "CHROMIUM_ARGS",
     "REPO",
     "TIMEOUTS",
     "Client",
@@ -97,6 +99,21 @@ __all__ = [
 ]
 
 REPO = Path(__file__).resolve().parent.parent
+
+#: Debian's Chromium, driven by Playwright with ``executable_path`` (never a download).
+CHROMIUM = "/usr/bin/chromium"
+#: Headless launch flags for this closed network: without the background-networking
+#: ones Chromium's own connections (component updates, sync, ...) are refused and
+#: page loads can stall.
+CHROMIUM_ARGS = (
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
 TESTS = REPO / "tests"
 BACKSTREAM_CMD = [sys.executable, "-m", "backstream"]
 

@@ -23,24 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import TIMEOUTS, ProcessPool, request
+from harness import CHROMIUM, CHROMIUM_ARGS, TIMEOUTS, ProcessPool, request
 from local_app import BROWSER_WS_MESSAGE
 
-CHROMIUM = "/usr/bin/chromium"
 DOMAIN = "tunnel.test"
 NAME = "myapp"
-#: Without the background-networking flags Chromium's own connections (component
-#: updates, sync, ...) are refused on a closed network and page loads can stall.
-LAUNCH_ARGS = [
-    f"--host-resolver-rules=MAP *.{DOMAIN} 127.0.0.1",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+LAUNCH_ARGS = [f"--host-resolver-rules=MAP *.{DOMAIN} 127.0.0.1", *CHROMIUM_ARGS]
 #: Bound on the page load and on the echo reaching the page, in seconds.
 BROWSER_TIMEOUT = 20.0
 INSTALL_HINT = (

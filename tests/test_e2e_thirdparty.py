@@ -48,6 +48,8 @@ from urllib.parse import urlsplit
 
 import pytest
 from harness import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
     REPO,
     TIMEOUTS,
     Client,
@@ -71,16 +73,7 @@ WS_CLIENT_MAX = 128 * 1024 * 1024
 #: Bound on one kernel execution (its reply and all of its outputs).
 EXECUTE_TIMEOUT = 90.0
 MIB = 1024 * 1024
-CHROMIUM = "/usr/bin/chromium"
-LAUNCH_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+LAUNCH_ARGS = list(CHROMIUM_ARGS)
 BROWSER_TIMEOUT = 30.0
 INSTALL_HINT = (
     "install the test extra: `scripts/install .venv test` (or `.venv/bin/pip install "
