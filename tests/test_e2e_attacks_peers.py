@@ -644,3 +644,35 @@ def test_out_of_file_descriptors_no_spin_no_log_flood(procs: ProcessPool) -> Non
     procs.client(f"http://127.0.0.1:{port}", app)
     r = request(("127.0.0.1", port), "GET", "/after-emfile")
     assert r.status == 200, (r.status, r.body[:300])
+
+
+def test_upgrade_refusal_whose_body_never_ends_is_bounded(procs: ProcessPool) -> None:
+    """A client refusing a WebSocket upgrade (403) with a body it never ends cannot hold
+    the caller: the server answers 504 after its --timeout (review of #13)."""
+    srv = procs.server("--timeout", "2")
+    mark = srv.mark()
+    hostile = connect_hostile(srv)
+    result: dict[str, bytes] = {}
+    upgrade = (
+        b"GET /ws HTTP/1.1\r\nHost: public.example\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    # The answer leaves a keep-alive connection open: read what came within 8 s.
+    caller = threading.Thread(
+        target=lambda: result.update(raw=raw_exchange(srv.port, upgrade, timeout=8.0)),
+        daemon=True,
+    )
+    caller.start()
+    try:
+        head = hostile.wait_request(TIMEOUTS.request)
+        assert head.upgrade, head
+        hostile.send_message(
+            ResponseHead(head.stream_id, 403, "Forbidden", []).encode(),
+            Data(head.stream_id, b"never ends").encode(),
+        )
+    finally:
+        caller.join(15.0)
+    status, _, _, _ = parse_raw_response(result.get("raw", b""))
+    assert status == 504, result
+    drop_hostile(srv, hostile, mark)

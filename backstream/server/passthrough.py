@@ -97,12 +97,18 @@ class PassthroughHandler(WebSocketHandler):
         try:
             head = await stream.response_head()
             if head.status != 101:
-                await self._relay_refusal(stream, head)
+                # The body's end is the client's to send: bounded like the head.
+                await asyncio.wait_for(self._relay_refusal(stream, head), self.timeout or None)
                 return
         except errors.StreamError as e:
             if not stream.closed:
                 stream.reset(e)
             self._answer(e.status, e.reason + "\n", e)
+            return
+        except TimeoutError:
+            error = errors.UpstreamTimeout(f"refusal body not complete within {self.timeout:g}s")
+            stream.reset(error)
+            self._answer(error.status, error.reason + "\n", error)
             return
         for name, value in head.headers:
             if name.lower() == "sec-websocket-protocol":
