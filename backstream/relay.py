@@ -350,15 +350,25 @@ def rewrite_locations(headers: Headers, local: str, public: str) -> Headers:
     out: Headers = []
     prefix = local.rstrip("/").lower()
     for name, value in headers:
-        if name.lower() in LOCATION_HEADERS:
-            value = _rewrite_url(value, prefix, public)
+        key = name.lower()
+        if key in LOCATION_HEADERS:
+            value = _rewrite_url(value, prefix, public, refresh=key == "refresh")
         out.append((name, value))
     return out
 
 
-def _rewrite_url(value: str, prefix: str, public: str) -> str:
-    # Refresh: "5; url=http://...": the URL is after "url=".
-    start = value.lower().find("url=") + 4 if "url=" in value.lower() else 0
+_REFRESH_URL = re.compile(r"(?i)url\s*=\s*")
+
+
+def _rewrite_url(value: str, prefix: str, public: str, *, refresh: bool) -> str:
+    # Refresh: "5; url=http://...": the URL is after "url=". Elsewhere the whole value
+    # is the URL (a "next_url=" in its query is not the target).
+    start = 0
+    if refresh:
+        found = _REFRESH_URL.search(value)
+        if found is None:
+            return value
+        start = found.end()
     url = value[start:].strip().strip("'\"")
     lowered = url.lower()
     if lowered == prefix or lowered.startswith(prefix + "/") or lowered.startswith(prefix + "?"):

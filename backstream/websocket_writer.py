@@ -88,18 +88,20 @@ def write_binary(
 
 
 def record_sent_close(connection: Any) -> list[tuple[int | None, str | None]]:
-    """Make a Tornado WebSocket protocol remember the close it sends, Tornado's own too.
+    """Make a Tornado WebSocket protocol remember a close it starts, Tornado's own too.
 
     Tornado closes a message over its limit with 1009 and drops the connection
     at once, without waiting for the peer's answer, so ``close_code`` stays
     None: the other end of the relay must still be told 1009 and the reason.
-    The returned list holds the first close sent, once there is one.
+    The returned list holds the first close this side started, once there is one.
     """
     sent: list[tuple[int | None, str | None]] = []
     close = connection.close
 
     def recording(code: int | None = None, reason: str | None = None) -> None:
-        if not sent:
+        # Only a close this side starts: an answer to the peer's echoes its code
+        # without its reason, and the peer's own close_code and close_reason say more.
+        if not sent and not connection.client_terminated:
             sent.append((code, reason))
         close(code, reason)
 

@@ -451,6 +451,8 @@ def test_redirects_under_the_destination_move_to_the_public_origin() -> None:
         ("Location", "http://127.0.0.1:3000/other"),  # outside the base path: kept
         ("Location", "http://127.0.0.1:3000/apple"),  # a longer name, not under /app
         ("Link", "<http://127.0.0.1:3000/app/x>"),  # not a redirect header
+        ("Location", "http://127.0.0.1:3000/app/login?next_url=http://127.0.0.1:3000/app/x"),
+        ("Refresh", "0;URL = http://127.0.0.1:3000/app/y"),
     ]
     assert relay.rewrite_locations(headers, local, public) == [
         ("Location", "https://pub.example/items?x=1"),
@@ -459,6 +461,9 @@ def test_redirects_under_the_destination_move_to_the_public_origin() -> None:
         ("Location", "http://127.0.0.1:3000/other"),
         ("Location", "http://127.0.0.1:3000/apple"),
         ("Link", "<http://127.0.0.1:3000/app/x>"),
+        # the target is rewritten, a URL in its query is not the target
+        ("Location", "https://pub.example/login?next_url=http://127.0.0.1:3000/app/x"),
+        ("Refresh", "0;URL = https://pub.example/y"),
     ]
     forwarded = [("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", "pub.example")]
     assert relay.public_origin(forwarded) == public

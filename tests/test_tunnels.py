@@ -36,11 +36,15 @@ def test_closed_or_congested_members_get_nothing_new() -> None:
     assert pool.pick() is None
 
 
-def test_no_usable_member_is_the_no_client_status() -> None:
+def test_a_congested_tunnel_says_so_and_a_closing_one_is_no_client() -> None:
     tunnels = Tunnels(grace=0)
     only = member()
     only.unsent = MAX_UNSENT + 1
     tunnels.add(only)
+    with pytest.raises(errors.NoClient) as caught:
+        tunnels.pick("", no_client_code=599)
+    assert caught.value.status == 503 and "keeping up" in caught.value.reason
+    only.unsent, only.open = 0, False
     with pytest.raises(errors.NoClient) as caught:
         tunnels.pick("", no_client_code=599)
     assert caught.value.status == 599

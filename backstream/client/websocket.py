@@ -112,9 +112,10 @@ class WebSocketExchange:
             if self.cancelled:
                 return
             if message is None:
-                code, reason = conn.close_code, conn.close_reason
-                if code is None and self.sent_close:  # this side closed: say with what
-                    code, reason = self.sent_close[0]
+                # The close this side started (1009 and its reason included), else the app's.
+                code, reason = self.sent_close[0] if self.sent_close else (None, None)
+                if not self.sent_close:
+                    code, reason = conn.close_code, conn.close_reason
                 self._send_close(code, reason)
                 return
             text = isinstance(message, str)

@@ -165,8 +165,9 @@ class PassthroughHandler(WebSocketHandler):
             stream = connection.stream
             if lingering:
                 return  # already draining: Tornado aborts again when the stream closes
-            if not self.sent_close or self.sent_close[0][0] != 1009 or stream is None:
-                abort()
+            too_big = self.sent_close and self.sent_close[0][0] == 1009
+            if not too_big or stream is None or stream.closed() or stream.reading():
+                abort()  # not Tornado's own 1009 from its frame reader (which read nothing more)
                 return
             lingering.append(True)
             connection.client_terminated = connection.server_terminated = True
@@ -220,9 +221,10 @@ class PassthroughHandler(WebSocketHandler):
         stream = self.stream
         if stream is None or stream.closed:
             return
-        code, reason = self.close_code, self.close_reason
-        if code is None and self.sent_close:
-            code, reason = self.sent_close[0]
+        # The close this side started (1009 and its reason included), else the caller's.
+        code, reason = self.sent_close[0] if self.sent_close else (None, None)
+        if not self.sent_close:
+            code, reason = self.close_code, self.close_reason
         payload = protocol.close_payload(code, reason)
         stream.tunnel.send(protocol.Data(stream.id, payload, end_stream=True).encode())
         stream.fail(errors.Cancelled("public websocket closed"))  # wakes the pump

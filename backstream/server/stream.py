@@ -213,7 +213,7 @@ class ServerStream:
         """Send one WebSocket message to the local app, in fragments, waiting for credit."""
         for fragment in protocol.fragments(self.id, data, text):
             while True:
-                if self.closed:
+                if self.closed or self._ended:  # the local app's side is closed already
                     return
                 if self._error is not None:
                     raise self._error

@@ -202,7 +202,9 @@ class Pool:
         if len(members) == 1:
             only = members[0]
             return only if only.open and only.unsent <= MAX_UNSENT else None
-        self._turn = turn = (self._turn + 1) % max(len(members), 1)
+        if not members:
+            return None
+        self._turn = turn = (self._turn + 1) % len(members)
         best: Tunnel | None = None
         for i in range(len(members)):
             member = members[(turn + i) % len(members)]
@@ -277,6 +279,11 @@ class Tunnels:
         tunnel = pool.pick() if pool is not None else None
         if tunnel is not None:
             return tunnel
+        if pool is not None and any(member.open for member in pool.members):
+            raise errors.NoClient(
+                f"tunnel {name or '(default)'}: every client has {MAX_UNSENT} bytes unsent",
+                reason="The tunnel client is not keeping up",
+            )
         if pool is None and name:
             message = f"no tunnel named {name}"
             raise errors.UnknownTunnel(message, reason=message)
