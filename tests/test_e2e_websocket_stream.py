@@ -109,9 +109,10 @@ def test_message_from_the_app_over_the_client_limit_closes_with_1009(
 def test_64mib_message_byte_exact_with_bounded_memory(procs: ProcessPool) -> None:
     """64 MiB (the default limit) crosses byte-exact, each process holding it about twice.
 
-    Measured: the server grows by ~2.1x the message, the client by 2.0x-2.9x. Tornado's
-    frame reader holds a message twice (its read buffer, grown by reallocation, then
-    the bytes it returns); everything of ours is written from the fragments uncopied.
+    Measured on an idle machine: both grow by 2.1x the message (133 MiB), which is
+    Tornado's frame reader holding a message twice (its read buffer, then the bytes it
+    returns); ours is written from the fragments uncopied. Under heavy CPU contention
+    from other processes the client reached 2.9x once (its send and the echo overlap).
     """
     app = procs.local_app()
     srv = procs.server()
@@ -129,7 +130,7 @@ def test_64mib_message_byte_exact_with_bounded_memory(procs: ProcessPool) -> Non
 
     assert run(go) == data
     growth = {p.name: (p.peak_rss_kib() - before[p.name]) / 1024 for p in (srv, cli)}
-    assert all(mib <= 3 * 64 for mib in growth.values()), growth
+    assert all(mib <= 2.5 * 64 for mib in growth.values()), growth
 
 
 def test_caller_close_reaches_the_app(tunnel: Tunnel) -> None:
