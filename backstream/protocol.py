@@ -487,6 +487,8 @@ class Message:
     text: bool
     #: Credit for it not yet granted to the sender: grant it once it was written.
     owed: int
+    #: Its length in bytes (the parts are let go once it was written).
+    size: int = 0
 
 
 class MessageAssembler:
@@ -525,14 +527,15 @@ class MessageAssembler:
                 self._held += size
                 return None, 0
             return None, size
-        message = Message(self._parts, frame.text, self._held + size)
+        message = Message(self._parts, frame.text, self._held + size, self._size)
         self._parts = []
         self._size = self._held = 0
         self._waiting += 1
         return message, 0
 
     def written(self, message: Message) -> int:
-        """``message`` left for its reader: the credit to grant now."""
+        """``message`` left for its reader: the credit to grant now (its parts are let go)."""
+        message.parts.clear()
         self._waiting -= 1
         if self._waiting:
             return message.owed

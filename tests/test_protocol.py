@@ -283,8 +283,8 @@ def test_a_message_round_trips_through_its_fragments(size: int, text: bool) -> N
     assert whole is not None and b"".join(whole.parts) == message and whole.text == text
     assert all(m is None for m, _ in results[:-1])
     # Credit: every fragment but the last is granted on arrival, the last once written.
-    assert sum(grant for _, grant in results) + whole.owed == size
-    assert assembler.written(whole) == whole.owed
+    assert sum(grant for _, grant in results) + whole.owed == size and whole.size == size
+    assert assembler.written(whole) == whole.owed and whole.parts == []
 
 
 def test_a_slow_reader_holds_back_credit_for_the_next_message() -> None:

@@ -176,10 +176,8 @@ class WebSocketExchange:
     def _message_written(self, written: asyncio.Future[None], message: protocol.Message) -> None:
         if written.cancelled() or written.exception() is not None:
             return  # the app's socket is gone; read_message ends the stream
-        size = sum(map(len, message.parts))
-        message.parts.clear()
         self._grant(self.assembler.written(message))
-        if size >= heap.TRIM_THRESHOLD:
+        if message.size >= heap.TRIM_THRESHOLD:
             heap.release_free_memory()
 
     def _grant(self, size: int) -> None:

@@ -188,10 +188,8 @@ class PassthroughHandler(WebSocketHandler):
                 await websocket_writer.write_binary(
                     self.ws_connection, message.parts, text=message.text
                 )
-                size = sum(map(len, message.parts))
-                message.parts.clear()
                 stream.message_written(message)
-                if size >= heap.TRIM_THRESHOLD:
+                if message.size >= heap.TRIM_THRESHOLD:
                     heap.release_free_memory()
             code, reason = stream.close_info
         except errors.StreamError as e:
