@@ -79,7 +79,7 @@ class PassthroughHandler(WebSocketHandler):
             status, text = problem
             if status == 426:
                 self.set_header("Sec-WebSocket-Version", "13")
-            self._answer(status, text + "\n", errors.StreamError(text, status=status))
+            self._answer(errors.StreamError(text, status=status, reason=text))
             return
         try:
             target, name = destination(request, self.domain)
@@ -87,7 +87,7 @@ class PassthroughHandler(WebSocketHandler):
                 request, target, name, self.tunnels, self.gate, self.no_client_code
             )
         except errors.StreamError as e:
-            self._answer(e.status, e.reason + "\n", e)
+            self._answer(e)
             return
         trusted = relay.is_trusted(request.remote_ip or "", self.trusted)
         self.stream = stream = tunnel.relay_request(
@@ -103,12 +103,12 @@ class PassthroughHandler(WebSocketHandler):
         except errors.StreamError as e:
             if not stream.closed:
                 stream.reset(e)
-            self._answer(e.status, e.reason + "\n", e)
+            self._answer(e)
             return
         except TimeoutError:
             error = errors.UpstreamTimeout(f"refusal body not complete within {self.timeout:g}s")
             stream.reset(error)
-            self._answer(error.status, error.reason + "\n", error)
+            self._answer(error)
             return
         for name, value in head.headers:
             if name.lower() == "sec-websocket-protocol":
@@ -130,13 +130,15 @@ class PassthroughHandler(WebSocketHandler):
                 self.add_header(name, value)
         self.finish(b"".join(body))
 
-    def _answer(self, status: int, text: str, error: errors.StreamError) -> None:
+    def _answer(self, error: errors.StreamError) -> None:
+        """Refuse the upgrade with the error's status; its reason is the body."""
+        status = error.status
         access_log.info(
             "WEBSOCKET %s status=%d error=%r", self.request.path, status, error.log_message
         )
         self.set_status(status, type(error).reason if status == type(error).status else None)
         self.set_header("Content-Type", "text/plain; charset=utf-8")
-        self.finish(text)
+        self.finish(error.reason + "\n")
 
     def select_subprotocol(self, subprotocols: list[str]) -> str | None:
         return self.app_subprotocol if self.app_subprotocol in subprotocols else None
