@@ -480,67 +480,53 @@ class MessageTooBig(ProtocolError):
 
 
 @dataclasses.dataclass(slots=True)
-class Message:
-    """A whole WebSocket message, as the fragments it came in (written without joining)."""
+class Fragment:
+    """One piece of a relayed WebSocket message, written on as one WebSocket frame."""
 
-    parts: list[bytes]
+    data: bytes
     text: bool
-    #: Credit for it not yet granted to the sender: grant it once it was written.
-    owed: int
-    #: Its length in bytes (the parts are let go once it was written).
-    size: int = 0
+    #: It opens a message (a text or binary frame), else it continues one.
+    first: bool
+    #: It ends its message (the frame has FIN set).
+    final: bool
+    #: The size of its message so far, this piece included.
+    size: int
 
 
-class MessageAssembler:
-    """Rebuilds WebSocket messages from DATA fragments, and says when to grant credit.
+class MessageTracker:
+    """Follows relayed WebSocket messages fragment by fragment, against a size limit.
 
-    A message may be far larger than the window, so the credit of its
-    fragments is granted as they arrive: the sender can finish it. But once a
-    whole message waits to be written (a slow reader), the credit of what
-    follows is held back until it was, so that a slow reader holds one
-    waiting message and a window more at most, whatever the sender does.
+    Each DATA fragment is written on at once as a frame of a fragmented
+    WebSocket message (RFC 6455 section 5.4), and its credit is granted once
+    it was written: no side ever holds a whole message, so a stream holds a
+    window at most, whatever the size of its messages and however slow its reader.
     """
 
-    __slots__ = ("limit", "_parts", "_size", "_held", "_waiting")
+    __slots__ = ("limit", "_size", "_open", "_text")
 
     def __init__(self, limit: int = DEFAULT_WEBSOCKET_MESSAGE) -> None:
         self.limit = limit
-        self._parts: list[bytes] = []
         self._size = 0
-        #: Credit of the message being assembled, held back while another waits.
-        self._held = 0
-        #: Whole messages handed out and not yet ``written``.
-        self._waiting = 0
+        #: A message was started and not ended yet.
+        self._open = False
+        self._text = False
 
-    def feed(self, frame: Data) -> tuple[Message | None, int]:
-        """(the whole message, or None), and the credit to grant now.
+    def feed(self, frame: Data) -> Fragment:
+        """Where ``frame`` falls in its message; raises ``MessageTooBig`` past ``limit``.
 
-        Raises ``MessageTooBig`` once the message passes ``limit``.
+        A text flag that changes within a message is a ``ProtocolError``.
         """
-        size = len(frame.data)
-        self._size += size
-        if self._size > self.limit:
+        first = not self._open
+        if not first and frame.text != self._text:
+            raise ProtocolError(f"text flag changed within a message on stream {frame.stream_id}")
+        size = self._size + len(frame.data)
+        if size > self.limit:
             raise MessageTooBig(f"message too big (limit {self.limit} bytes)")
-        self._parts.append(frame.data)
         if frame.more:
-            if self._waiting:
-                self._held += size
-                return None, 0
-            return None, size
-        message = Message(self._parts, frame.text, self._held + size, self._size)
-        self._parts = []
-        self._size = self._held = 0
-        self._waiting += 1
-        return message, 0
-
-    def written(self, message: Message) -> int:
-        """``message`` left for its reader: the credit to grant now (its parts are let go)."""
-        message.parts.clear()
-        self._waiting -= 1
-        if self._waiting:
-            return message.owed
-        grant, self._held = message.owed + self._held, 0
-        return grant
+            self._open, self._size, self._text = True, size, frame.text
+        else:
+            self._open, self._size = False, 0
+        return Fragment(frame.data, frame.text, first, not frame.more, size)
 
 
 class SendWindow:

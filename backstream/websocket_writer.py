@@ -9,9 +9,10 @@ joined (cheap), and each big piece goes to the IOStream as it is on the
 server, or masked straight into its only copy on the client (RFC 6455 5.3:
 every client-to-server frame is masked).
 
-The message is appended to the connection's IOStream in one go, exactly as
+The frame is appended to the connection's IOStream in one go, exactly as
 Tornado's own frame writer does, so it never interleaves with Tornado's pings
-or close frames. The tunnel never negotiates extensions, so no RSV bit is set.
+or close frames (which may come between the frames of a fragmented message,
+RFC 6455 section 5.4). The tunnel never negotiates extensions, so no RSV bit is set.
 """
 
 from __future__ import annotations
@@ -31,15 +32,30 @@ from .masking import mask as _websocket_mask
 #: into groups of about this size, so that a message costs few copies and few syscalls.
 LARGE = 64 * 1024
 
-_FIN_BINARY = 0x82
-_FIN_TEXT = 0x81
+_FIN = 0x80
+_CONTINUATION = 0x0
+_TEXT = 0x1
+_BINARY = 0x2
 _MASKED = 0x80
 
 
-def frame_header(length: int, mask: bytes | None = None, *, text: bool = False) -> bytes:
-    """The header of one final binary (or text) frame of ``length`` payload bytes."""
+def frame_header(
+    length: int,
+    mask: bytes | None = None,
+    *,
+    text: bool = False,
+    opens: bool = True,
+    final: bool = True,
+) -> bytes:
+    """The header of one binary (or text) frame of ``length`` payload bytes.
+
+    ``opens``: the frame starts its message, else it is a continuation frame;
+    ``final``: it ends its message (FIN).
+    """
     bit = _MASKED if mask else 0
-    first = _FIN_TEXT if text else _FIN_BINARY
+    first = (_TEXT if text else _BINARY) if opens else _CONTINUATION
+    if final:
+        first |= _FIN
     if length < 126:
         head = struct.pack("!BB", first, bit | length)
     elif length <= 0xFFFF:
@@ -56,18 +72,26 @@ def mask_at(mask: bytes, offset: int, data: bytes) -> bytes:
 
 
 def write_binary(
-    connection: WebSocketProtocol | None, pieces: Sequence[bytes], *, text: bool = False
+    connection: WebSocketProtocol | None,
+    pieces: Sequence[bytes],
+    *,
+    text: bool = False,
+    opens: bool = True,
+    final: bool = True,
 ) -> Future[None]:
-    """Send ``pieces`` as one binary message, or raise ``WebSocketClosedError``.
+    """Send ``pieces`` as one frame (a whole binary message by default), or raise
+    ``WebSocketClosedError``.
 
     ``text``: a text message (the pieces are its UTF-8, passed on as they are).
-    The future resolves once the whole message has left for the socket.
+    ``opens`` / ``final``: the frame starts / ends its message, so that a
+    message can be written fragment by fragment (RFC 6455 section 5.4).
+    The future resolves once the whole frame has left for the socket.
     """
     stream = connection.stream if connection is not None else None
     if stream is None or connection is None or connection.is_closing():
         raise WebSocketClosedError()
     mask = os.urandom(4) if connection.mask_outgoing else None  # type: ignore[attr-defined]
-    waiting = [frame_header(sum(map(len, pieces)), mask, text=text)]
+    waiting = [frame_header(sum(map(len, pieces)), mask, text=text, opens=opens, final=final)]
     offset = 0
     try:
         for group in _groups(pieces):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -109,10 +111,11 @@ def test_message_from_the_app_over_the_client_limit_closes_with_1009(
 def test_64mib_message_byte_exact_with_bounded_memory(procs: ProcessPool) -> None:
     """64 MiB (the default limit) crosses byte-exact, each process holding it about twice.
 
-    Measured on an idle machine: both grow by 2.1x the message (133 MiB), which is
-    Tornado's frame reader holding a message twice (its read buffer, then the bytes it
-    returns); ours is written from the fragments uncopied. Under heavy CPU contention
-    from other processes the client reached 2.9x once (its send and the echo overlap).
+    Measured: both grow by 2.1x the message (133 MiB), idle or with both cores busy,
+    which is Tornado's frame reader holding the message it reads twice (its read
+    buffer, then the bytes it returns). What each side writes on is written fragment
+    by fragment as it arrives, a window at most: when it held whole messages, the
+    client's send and the echo overlapped under CPU contention and it reached 2.9x.
     """
     app = procs.local_app()
     srv = procs.server()
@@ -173,3 +176,38 @@ def test_ten_websockets_at_once(tunnel: Tunnel) -> None:
         return list(await asyncio.gather(*(one(i) for i in range(10))))
 
     assert run(go) == [[f"{i}-{j}" for j in range(20)] for i in range(10)]
+
+
+def test_a_caller_that_stops_reading_costs_the_server_a_window(procs: ProcessPool) -> None:
+    """The app's echo of 48 MiB to a caller that reads nothing: the server holds a window.
+
+    The server writes each fragment on as it comes and grants its credit only
+    once the caller's socket took it, so it never holds the whole message
+    (when it rebuilt whole messages it held all 48 MiB here). The client holds
+    the message Tornado handed it, waiting for credit.
+    """
+    app = procs.local_app()
+    srv = procs.server()
+    cli = procs.client(srv, app)
+    size = 48 * MiB
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUTS.request) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.sendall(
+            b"GET /ws/echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        before = {p.name: p.rss_kib() for p in (srv, cli)}
+        # One binary frame, masked with a zero key (so the payload goes as it is).
+        sock.sendall(b"\x82\xff" + size.to_bytes(8, "big") + b"\0\0\0\0")
+        chunk = b"z" * MiB
+        for _ in range(size // MiB):
+            sock.sendall(chunk)
+        # The echo crosses the tunnel until the caller's socket is full, then waits.
+        time.sleep(3)
+        growth = {p.name: (p.rss_kib() - before[p.name]) / 1024 for p in (srv, cli)}
+    assert growth["client"] > 40, growth  # the echo came back and waits there for credit
+    assert growth["server"] < 16, f"the server grew while its caller read nothing: {growth}"

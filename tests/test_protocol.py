@@ -277,31 +277,35 @@ def test_a_message_round_trips_through_its_fragments(size: int, text: bool) -> N
     frames = list(protocol.fragments(5, message, text))
     assert all(len(f.data) <= protocol.MAX_CHUNK for f in frames)
     assert [f.more for f in frames] == [True] * (len(frames) - 1) + [False]
-    assembler = protocol.MessageAssembler(limit=size)
-    results = [assembler.feed(protocol.decode(f.encode())) for f in frames]  # type: ignore[arg-type]
-    whole = results[-1][0]
-    assert whole is not None and b"".join(whole.parts) == message and whole.text == text
-    assert all(m is None for m, _ in results[:-1])
-    # Credit: every fragment but the last is granted on arrival, the last once written.
-    assert sum(grant for _, grant in results) + whole.owed == size and whole.size == size
-    assert assembler.written(whole) == whole.owed and whole.parts == []
+    tracker = protocol.MessageTracker(limit=size)
+    pieces = [tracker.feed(protocol.decode(f.encode())) for f in frames]  # type: ignore[arg-type]
+    assert b"".join(p.data for p in pieces) == message
+    assert [p.first for p in pieces] == [True] + [False] * (len(pieces) - 1)
+    assert [p.final for p in pieces] == [False] * (len(pieces) - 1) + [True]
+    assert all(p.text == text for p in pieces) and pieces[-1].size == size
 
 
-def test_a_slow_reader_holds_back_credit_for_the_next_message() -> None:
-    """While a whole message waits to be written, what follows gets no credit: bounded."""
-    assembler = protocol.MessageAssembler()
-    chunk = b"x" * protocol.MAX_CHUNK
-    first, _ = assembler.feed(Data(1, chunk))
-    assert first is not None
-    assert assembler.feed(Data(1, chunk, more=True)) == (None, 0)  # held back
-    assert assembler.feed(Data(1, chunk, more=True)) == (None, 0)
-    # The first message is written: its credit and the held credit of the second.
-    assert assembler.written(first) == 3 * protocol.MAX_CHUNK
-    assert assembler.feed(Data(1, chunk, more=True)) == (None, protocol.MAX_CHUNK)
+def test_each_message_opens_anew_after_the_last_one_ended() -> None:
+    tracker = protocol.MessageTracker()
+    chunk = b"x" * 10
+    assert (tracker.feed(Data(1, chunk)).first, tracker.feed(Data(1, chunk)).first) == (True, True)
+    opening = tracker.feed(Data(1, chunk, more=True))
+    middle = tracker.feed(Data(1, chunk, more=True))
+    last = tracker.feed(Data(1, chunk))
+    assert (opening.first, middle.first, last.first) == (True, False, False)
+    assert (middle.size, last.size, last.final) == (20, 30, True)
+    assert tracker.feed(Data(1, b"", text=True)).first  # the next one starts over
+
+
+def test_a_text_flag_that_changes_within_a_message_is_a_protocol_error() -> None:
+    tracker = protocol.MessageTracker()
+    tracker.feed(Data(1, b"abc", text=True, more=True))
+    with pytest.raises(ProtocolError, match="text flag"):
+        tracker.feed(Data(1, b"def", text=False))
 
 
 def test_a_message_over_the_limit_is_refused() -> None:
-    assembler = protocol.MessageAssembler(limit=protocol.MAX_CHUNK + 1)
-    assembler.feed(Data(1, b"x" * protocol.MAX_CHUNK, more=True))
+    tracker = protocol.MessageTracker(limit=protocol.MAX_CHUNK + 1)
+    tracker.feed(Data(1, b"x" * protocol.MAX_CHUNK, more=True))
     with pytest.raises(protocol.MessageTooBig, match="limit"):
-        assembler.feed(Data(1, b"xx"))
+        tracker.feed(Data(1, b"xx"))

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import os
 import random
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -97,6 +98,49 @@ def test_length_encodings_at_their_boundaries() -> None:
     assert frame_header(0xFFFF, b"abcd") == b"\x82\xfe\xff\xffabcd"
     assert frame_header(0x10000) == b"\x82\x7f" + (0x10000).to_bytes(8, "big")
     assert frame_header(0x10000, b"abcd") == b"\x82\xff" + (0x10000).to_bytes(8, "big") + b"abcd"
+
+
+def _write_fragmented(connection: Any, message: bytes, cuts: int, text: bool) -> None:
+    """``message`` as ``cuts`` frames of one fragmented message (RFC 6455 5.4)."""
+    step = max(1, -(-len(message) // cuts))
+    parts = [message[i : i + step] for i in range(0, len(message), step)] or [b""]
+    for i, part in enumerate(parts):
+        write_binary(connection, [part], text=text, opens=i == 0, final=i == len(parts) - 1)
+
+
+class _FragmentingEcho(WebSocketHandler):
+    """Answers each message with the same bytes, as a fragmented message of three frames."""
+
+    def on_message(self, message: str | bytes) -> None:
+        text = isinstance(message, str)
+        data = message.encode() if isinstance(message, str) else message
+        _write_fragmented(self.ws_connection, data, 3, text)
+
+
+@pytest.mark.parametrize("text", [False, True])
+def test_a_message_written_as_fragments_arrives_whole_both_ways(text: bool) -> None:
+    """Masked from the client, unmasked from the server; Tornado's reader rebuilds it."""
+    message = "é€x".encode() * 100_000 if text else os.urandom(700_001)
+
+    async def main() -> Any:
+        sockets = bind_sockets(0, "127.0.0.1")
+        server = HTTPServer(Application([("/", _FragmentingEcho)]))
+        server.add_sockets(sockets)
+        port = sockets[0].getsockname()[1]
+        try:
+            ws = await websocket_connect(f"ws://127.0.0.1:{port}/")
+            _write_fragmented(ws.protocol, message, 7, text)  # cuts inside UTF-8 sequences
+            reply = await asyncio.wait_for(ws.read_message(), 20)
+            ws.close()
+            return reply
+        finally:
+            server.stop()
+
+    reply = asyncio.run(main())
+    assert reply == (message.decode() if text else message)
+    assert frame_header(5, opens=False, final=False) == b"\x00\x05"
+    assert frame_header(5, text=True, final=False) == b"\x01\x05"
+    assert frame_header(5, opens=False) == b"\x80\x05"
 
 
 @given(st.binary(max_size=64), st.binary(max_size=64), st.binary(min_size=4, max_size=4))

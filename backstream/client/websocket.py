@@ -5,9 +5,10 @@ this opens the same WebSocket to the local app (same path, headers and
 subprotocols) and answers 101 only if the app accepted, or else relays the
 app's refusal. Messages then flow both ways as DATA fragments, paced by the
 stream's credit: a message from the app is sent fragment by fragment as
-credit comes, and the server's fragments are rebuilt into whole messages
-(``protocol.MessageAssembler``), whose last credit is granted once the app's
-socket has taken them.
+credit comes, and each of the server's fragments is written on to the app at
+once as a frame of a fragmented message (``protocol.MessageTracker``), its
+credit granted once the app's socket has taken it: a stream holds a window at
+most, never a whole message.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class WebSocketExchange:
         self.send_window = protocol.SendWindow()
         self.recv_window = protocol.RecvWindow()
         self.conn: WebSocketClientConnection | None = None
-        self.assembler = protocol.MessageAssembler(config.ws_max_message)
+        self.messages = protocol.MessageTracker(config.ws_max_message)
         #: A message from the server was over the limit: the rest of it is dropped.
         self.discarding = False
         #: The closing DATA went to the server (once per stream, whoever closed first).
@@ -158,26 +159,29 @@ class WebSocketExchange:
         if self.discarding:
             return
         try:
-            message, grant = self.assembler.feed(frame)
+            fragment = self.messages.feed(frame)
         except protocol.MessageTooBig as e:  # both ends get 1009; the rest is dropped
             self.discarding = True
             self._send_close(1009, str(e))
             conn.close(1009, str(e))
             return
-        self._grant(grant)
-        if message is None:
-            return
-        try:  # from its fragments, each masked into its only copy
-            written = websocket_writer.write_binary(conn.protocol, message.parts, text=message.text)
+        try:  # masked into its only copy
+            written = websocket_writer.write_binary(
+                conn.protocol,
+                (fragment.data,),
+                text=fragment.text,
+                opens=fragment.first,
+                final=fragment.final,
+            )
         except WebSocketClosedError:  # the app's socket is gone; read_message ends the stream
             return
-        written.add_done_callback(lambda f: self._message_written(f, message))
+        written.add_done_callback(lambda f: self._fragment_written(f, fragment))
 
-    def _message_written(self, written: asyncio.Future[None], message: protocol.Message) -> None:
+    def _fragment_written(self, written: asyncio.Future[None], fragment: protocol.Fragment) -> None:
         if written.cancelled() or written.exception() is not None:
             return  # the app's socket is gone; read_message ends the stream
-        self._grant(self.assembler.written(message))
-        if message.size >= heap.TRIM_THRESHOLD:
+        self._grant(len(fragment.data))
+        if fragment.final and fragment.size >= heap.TRIM_THRESHOLD:
             heap.release_free_memory()
 
     def _grant(self, size: int) -> None:

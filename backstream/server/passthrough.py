@@ -5,11 +5,12 @@ a REQUEST with the upgrade flag, the client opens a WebSocket to the app, and
 only if the app accepted (101) does the server accept the public upgrade, with
 the subprotocol the app chose. A refusal (say 403 or 404) is passed back as is.
 Each message then travels as DATA fragments of at most 256 KiB, under the
-same flow control as bodies (``protocol.MessageAssembler``): a message of any
-size up to ``--ws-max-message`` crosses, other streams keep moving while it
-does, and a slow reader on either side pauses the other. Tornado hands over
-whole messages, so each side holds one whole message at a time. A larger one
-closes the WebSocket with 1009 and a reason, at both ends.
+same flow control as bodies: a message of any size up to ``--ws-max-message``
+crosses, other streams keep moving while it does, and a slow reader on either
+side pauses the other. The receiving side writes each fragment on at once as a
+frame of a fragmented message (``protocol.MessageTracker``), so it holds a
+window at most; the sending side holds the one whole message Tornado hands
+over. A larger one closes the WebSocket with 1009 and a reason, at both ends.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class PassthroughHandler(WebSocketHandler):
         self.stream = stream = tunnel.relay_request(
             request, target, 0, self.timeout, upgrade=True, trusted=trusted
         )
-        stream.assembler = protocol.MessageAssembler(self.ws_max_message)
+        stream.messages = protocol.MessageTracker(self.ws_max_message)
         try:
             head = await stream.response_head()
             if head.status != 101:
@@ -183,15 +184,19 @@ class PassthroughHandler(WebSocketHandler):
         connection._abort = lingering_abort
 
     async def _pump_from_app(self, stream: ServerStream) -> None:
-        """Local app -> public caller, one message at a time (write() is the backpressure)."""
+        """Local app -> public caller, a fragment at a time (write() is the backpressure)."""
         try:
-            while (message := await stream.read_message()) is not None:
-                # From its fragments, uncopied (text stays the UTF-8 the app sent).
+            while (fragment := await stream.read_fragment()) is not None:
+                # Uncopied (text stays the UTF-8 the app sent), as one frame of its message.
                 await websocket_writer.write_binary(
-                    self.ws_connection, message.parts, text=message.text
+                    self.ws_connection,
+                    (fragment.data,),
+                    text=fragment.text,
+                    opens=fragment.first,
+                    final=fragment.final,
                 )
-                stream.message_written(message)
-                if message.size >= heap.TRIM_THRESHOLD:
+                stream.consumed(len(fragment.data))
+                if fragment.final and fragment.size >= heap.TRIM_THRESHOLD:
                     heap.release_free_memory()
             code, reason = stream.close_info
         except errors.StreamError as e:

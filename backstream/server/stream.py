@@ -37,8 +37,8 @@ class ServerStream:
         "response",
         "timeout",
         "_chunks",
-        "_messages",
-        "assembler",
+        "_fragments",
+        "messages",
         "_discarding",
         "upgrade",
         "body_open",
@@ -59,9 +59,9 @@ class ServerStream:
         self.response: ResponseHead | None = None
         self.timeout = timeout
         self._chunks: collections.deque[bytes] = collections.deque()
-        self._messages: collections.deque[protocol.Message] = collections.deque()
-        #: Rebuilds the local app's WebSocket messages (set for an upgrade, with its limit).
-        self.assembler = protocol.MessageAssembler()
+        self._fragments: collections.deque[protocol.Fragment] = collections.deque()
+        #: Follows the local app's WebSocket messages (set for an upgrade, with its limit).
+        self.messages = protocol.MessageTracker()
         #: A message was over the limit: the rest of it is dropped, the WebSocket closed.
         self._discarding = False
         #: A WebSocket upgrade was requested; once answered 101 the stream carries messages.
@@ -113,7 +113,7 @@ class ServerStream:
 
     def _on_fragment(self, frame: protocol.Data) -> None:
         try:
-            message, grant = self.assembler.feed(frame)
+            fragment = self.messages.feed(frame)
         except protocol.MessageTooBig as e:
             # The pump closes the public WebSocket with 1009, and that close is
             # relayed to the local app; what is still coming of the message is dropped.
@@ -121,11 +121,8 @@ class ServerStream:
             self._discarding = True
             self.wake()
             return
-        if grant:
-            self.consumed(grant)
-        if message is not None:
-            self._messages.append(message)
-            self.wake()
+        self._fragments.append(fragment)  # at most a window of them: credit comes once written
+        self.wake()
 
     def on_window(self, increment: int) -> None:
         self.send_window.grant(increment)
@@ -193,21 +190,18 @@ class ServerStream:
         self._chunks.clear()
         return chunks
 
-    async def read_message(self) -> protocol.Message | None:
-        """The next WebSocket message from the local app, or None once it closed.
+    async def read_fragment(self) -> protocol.Fragment | None:
+        """The next piece of the local app's WebSocket messages, or None once it closed.
 
-        Call ``message_written`` once it went out: its last credit is granted then.
+        Call ``consumed`` with its size once it went out: its credit is granted then.
         """
-        while not self._messages:
+        while not self._fragments:
             if self._error is not None:
                 raise self._error
             if self._ended or self._discarding:
                 return None
             await self._wait()
-        return self._messages.popleft()
-
-    def message_written(self, message: protocol.Message) -> None:
-        self.consumed(self.assembler.written(message))
+        return self._fragments.popleft()
 
     async def send_message(self, data: bytes, text: bool) -> None:
         """Send one WebSocket message to the local app, in fragments, waiting for credit."""
