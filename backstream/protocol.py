@@ -147,6 +147,8 @@ class RequestHead:
             raise ProtocolError("REQUEST: bad body length")
         if not (isinstance(remote, str) and isinstance(scheme, str) and isinstance(host, str)):
             raise ProtocolError("REQUEST: remote, scheme and host must be strings")
+        if _SURROGATE.search(remote) or _SURROGATE.search(scheme):
+            raise ProtocolError("REQUEST: remote and scheme must be valid Unicode")
         if not is_token(method):
             raise ProtocolError(f"REQUEST: method {method[:40]!r} is not an HTTP token")
         if not is_origin_form(target):
@@ -396,6 +398,8 @@ def _json_array(payload: bytes, length: int) -> list[Any]:
         value = json.loads(payload)
     except (UnicodeDecodeError, ValueError) as e:
         raise ProtocolError(f"head is not valid JSON: {e}") from None
+    except RecursionError:  # "[[[[..." nested past the parser's recursion limit
+        raise ProtocolError("head is nested too deeply") from None
     if not isinstance(value, list) or len(value) != length:
         raise ProtocolError(f"head must be a JSON array of {length} items")
     return value
@@ -429,6 +433,8 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VISIBLE = re.compile(r"[\x21-\x7e\x80-\xff]*")
 #: A request target in origin-form: a path, maybe a query.
 _ORIGIN_FORM = re.compile(r"/[\x21-\x7e\x80-\xff]*")
+#: A lone UTF-16 surrogate: JSON can escape one (``"\\ud800"``), UTF-8 cannot carry it.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 #: Control bytes a field value must not hold (HTAB is allowed), and anything past latin-1.
 _FORBIDDEN_IN_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\u0100-\U0010ffff]")
 
