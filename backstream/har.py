@@ -25,8 +25,8 @@ log = logging.getLogger("backstream.client")
 _file_numbers = itertools.count(1)
 
 
-class _Body:
-    """The first ``limit`` bytes of a body, and its full size."""
+class Body:
+    """The first ``limit`` bytes of a body, and its full size (also the inspector's)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -40,6 +40,11 @@ class _Body:
         if room > 0:
             self.parts.append(data[:room])
             self.kept += min(room, len(data))
+
+    def drop(self) -> None:
+        """Let the kept bytes go (the inspector's memory budget); the size stays known."""
+        self.parts = []
+        self.kept = 0
 
     def as_har(self) -> dict[str, Any]:
         data = b"".join(self.parts)
@@ -64,8 +69,8 @@ class HarEntry:
         self.started = time.time()
         self.started_mono = time.monotonic()
         self.waited: float | None = None
-        self.request = _Body(recorder.body_limit)
-        self.response_ = _Body(recorder.body_limit)
+        self.request = Body(recorder.body_limit)
+        self.response_ = Body(recorder.body_limit)
         self.status = 0
         self.reason = ""
         self.headers: list[tuple[str, str]] = []
@@ -88,11 +93,14 @@ class HarEntry:
 
 
 class HarRecorder:
+    """Writes entries into ``directory``; with ``""`` it only builds documents (the inspector)."""
+
     def __init__(self, directory: str, unmasked: bool, body_limit: int) -> None:
         self.directory = directory
         self.unmasked = unmasked
         self.body_limit = body_limit
-        os.makedirs(directory, exist_ok=True)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
 
     def start(self, head: protocol.RequestHead, config: ClientConfig) -> HarEntry:
         url = config.dst_origin + relay.upstream_target(config.dst_base_path, head.target)
@@ -110,9 +118,12 @@ class HarRecorder:
         shown = pairs if self.unmasked else redact.current().mask_query(pairs)
         return [{"name": n, "value": v} for n, v in shown]
 
-    def write(self, entry: HarEntry, error: str | None) -> None:
+    def document(
+        self, entry: HarEntry, error: str | None, ended: float | None = None
+    ) -> dict[str, Any]:
+        """The HAR 1.2 document of one entry that ended at monotonic time ``ended`` (now)."""
         head = entry.head
-        total = (time.monotonic() - entry.started_mono) * 1000
+        total = ((time.monotonic() if ended is None else ended) - entry.started_mono) * 1000
         wait = (entry.waited or 0) * 1000
         request: dict[str, Any] = {
             "method": head.method,
@@ -154,13 +165,16 @@ class HarRecorder:
         }
         if error:
             har_entry["comment"] = f"relay failed: {error}"
-        document = {
+        return {
             "log": {
                 "version": "1.2",
                 "creator": {"name": "backstream", "version": __version__},
                 "entries": [har_entry],
             }
         }
+
+    def write(self, entry: HarEntry, error: str | None) -> None:
+        document = self.document(entry, error)
         name = f"{int(entry.started * 1000)}-{os.getpid()}-{next(_file_numbers)}.har"
         path = os.path.join(self.directory, name)
         with open(path + ".tmp", "w", encoding="utf-8") as f:

@@ -17,10 +17,12 @@ from typing import Any
 from tornado import httpclient
 from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
 
-from .. import errors, protocol, routing, websocket_writer
+from .. import errors, protocol, routing, tls, websocket_writer
+from ..auth.token import TOKEN_HEADER
 from ..config import ClientConfig
 from ..har import HarRecorder
 from .curl import UpstreamClient
+from .inspector import Inspector
 from .upstream import Exchange
 from .websocket import WebSocketExchange, http_headers
 
@@ -56,11 +58,13 @@ class ClientTunnel:
         config: ClientConfig,
         http_client: UpstreamClient,
         har: HarRecorder | None,
+        inspector: Inspector | None = None,
     ) -> None:
         self.ws = ws
         self.config = config
         self.http_client = http_client
         self.har = har
+        self.inspector = inspector
         self.loop = asyncio.get_running_loop()
         self.streams: dict[int, Exchange | WebSocketExchange] = {}
         self.closed: asyncio.Future[str] = self.loop.create_future()
@@ -130,7 +134,8 @@ class ClientTunnel:
             exchange = WebSocketExchange(self, head, self.config)
         else:
             har = self.har.start(head, self.config) if self.har is not None else None
-            exchange = Exchange(self, head, self.config, har)
+            record = self.inspector.start(head) if self.inspector is not None else None
+            exchange = Exchange(self, head, self.config, har, record)
         self.streams[head.stream_id] = exchange
         task = asyncio.ensure_future(exchange.run(self.http_client))
         self._tasks.add(task)
@@ -157,12 +162,18 @@ async def connect(
     pairs = [(protocol.CLIENT_HEADER, str(protocol.PROTOCOL_VERSION)), *config.headers]
     if name:
         pairs.append((routing.NAME_HEADER, name))
+    if config.token:
+        pairs.append((TOKEN_HEADER, config.token))
     headers = http_headers(pairs)
+    secure = config.server_url.startswith("wss:")
+    if secure and config.insecure:
+        log.warning("not verifying the server's certificate (--insecure) url=%s", config.server_url)
     request = httpclient.HTTPRequest(
         config.server_url,
         headers=headers,
         connect_timeout=CONNECT_TIMEOUT,
         request_timeout=CONNECT_TIMEOUT,
+        ssl_options=tls.client_context(config.ca, config.insecure) if secure else None,
     )
     return await websocket_connect(
         request,
@@ -183,22 +194,34 @@ async def run_client(config: ClientConfig) -> None:
     har = None
     if config.har_dir:
         har = HarRecorder(config.har_dir, config.har_unmasked, config.har_body_limit)
+    inspector = web = None
+    if config.inspect_addr is not None:
+        from .inspector_web import start_inspector  # Tornado handlers, prometheus_client
+
+        inspector = Inspector(config)
+        web = start_inspector(inspector, http_client)
     attempt = 0
     name = config.name
     try:
         while True:
             # A name the server assigned is asked for again: the URL survives a reconnect.
-            stable, slowdown, name = await serve_once(config, http_client, har, name)
+            stable, slowdown, name = await serve_once(config, http_client, har, name, inspector)
             attempt = 0 if stable else attempt + 1
             delay = backoff_delay(attempt, cap=config.max_backoff, rand=random.random()) * slowdown
             log.info("reconnecting in %.1fs attempt=%d", delay, attempt + 1)
             await asyncio.sleep(delay)
     finally:
+        if web is not None:
+            web.stop()
         http_client.close()
 
 
 async def serve_once(
-    config: ClientConfig, http_client: UpstreamClient, har: HarRecorder | None, name: str = ""
+    config: ClientConfig,
+    http_client: UpstreamClient,
+    har: HarRecorder | None,
+    name: str = "",
+    inspector: Inspector | None = None,
 ) -> tuple[bool, float, str]:
     """One connection, served until it closes: (was it stable, backoff slowdown, its name)."""
     tunnel: ClientTunnel | None = None
@@ -231,9 +254,13 @@ async def serve_once(
     loop = asyncio.get_running_loop()
     if ws.protocol is not None:
         ws.protocol.set_nodelay(True)  # frames are small and latency-bound: no Nagle
-    tunnel = ClientTunnel(ws, config, http_client, har)
+    tunnel = ClientTunnel(ws, config, http_client, har, inspector)
     started = loop.time()
     log.info("connected to server url=%s", url)
+    if inspector is not None:
+        inspector.connects += 1
+        inspector.connected = True
+        inspector.open_streams = tunnel.streams.__len__
     answer = ws.headers if ws.headers is not None else {}
     name = answer.get(routing.NAME_HEADER, name)
     public = answer.get(routing.URL_HEADER, "") or url
@@ -242,6 +269,9 @@ async def serve_once(
     for message in early:
         tunnel.on_message(message)
     why = await tunnel.closed
+    if inspector is not None:
+        inspector.connected = False
+        inspector.open_streams = lambda: 0
     log.warning("disconnected from server url=%s: %s", url, why)
     return loop.time() - started >= STABLE_AFTER, 1.0, name
 

@@ -73,6 +73,12 @@ class UpstreamClient(CurlAsyncHTTPClient):
         curl.setopt(pycurl.PROXY, "")  # never an environment proxy towards the local app
         curl.setopt(pycurl.CONNECTTIMEOUT_MS, int(1000 * request.connect_timeout))
         curl.setopt(pycurl.NOSIGNAL, 1)  # policy threads may exist; timeouts are ours
+        # An https:// local app: verified unless --dst-insecure, with --dst-ca if given.
+        verify = request.validate_cert is not False
+        curl.setopt(pycurl.SSL_VERIFYPEER, 1 if verify else 0)
+        curl.setopt(pycurl.SSL_VERIFYHOST, 2 if verify else 0)
+        if request.ca_certs:
+            curl.setopt(pycurl.CAINFO, request.ca_certs)
         if request.method == "HEAD":
             curl.setopt(pycurl.NOBODY, 1)
         elif request.method != "GET":

@@ -33,6 +33,7 @@ from .curl import UpstreamClient
 if TYPE_CHECKING:
     from ..har import HarEntry
     from . import ClientTunnel
+    from .inspector import Record
 
 log = logging.getLogger("backstream.client")
 
@@ -66,6 +67,18 @@ def curl_header_lines(
     return lines
 
 
+def human_size(n: int) -> str:
+    """``1234`` -> ``1.2 kB`` (decimal units, as ngrok and browsers show sizes)."""
+    if n < 1000:
+        return f"{n} B"
+    size = n / 1000
+    for unit in ("kB", "MB"):
+        if size < 1000:
+            return f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"
+
+
 class Exchange:
     """Relays one stream: request frames in, a curl transfer, response frames out."""
 
@@ -75,12 +88,17 @@ class Exchange:
         head: protocol.RequestHead,
         config: ClientConfig,
         har: HarEntry | None,
+        record: Record | None = None,
     ) -> None:
         self.tunnel = tunnel
         self.head = head
         self.id = head.stream_id
         self.config = config
         self.har = har
+        #: The inspector's record of this request (None without the inspector).
+        self.record = record
+        #: A warning already told why this stream failed: no request line then.
+        self.warned = False
         self.send_window = protocol.SendWindow()
         self.recv_window = protocol.RecvWindow()
         self.upload: collections.deque[bytes] = collections.deque()
@@ -123,12 +141,16 @@ class Exchange:
             config.dst_origin + "/",
             method=self.head.method,
             connect_timeout=config.timeout,
+            validate_cert=not config.dst_insecure,
+            ca_certs=config.dst_ca or None,
             prepare_curl_callback=self._prepare_curl,
         )
         try:
             response = await http_client.fetch(request, raise_error=False)
         except CurlError as e:
             self._finished(None, e)
+        except errors.Cancelled:  # by _prepare_curl: cancelled while queued
+            self._done("cancelled")
         else:
             self._finished(response, None)
         finally:
@@ -150,6 +172,7 @@ class Exchange:
             log.warning(
                 "stream=%d %s %s failed: %s", self.id, self.head.method, self.head.target, error
             )
+            self.warned = True
             self._done(failure.log_message)
             return
         if not self.head_sent:  # a response without a head (should not happen)
@@ -163,16 +186,20 @@ class Exchange:
         self.tunnel.forget(self.id)
         if self.har is not None:
             self.har.finish(error)
-        log.debug(
-            "stream=%d %s %s -> %d in=%d out=%d ms=%.1f",
-            self.id,
-            self.head.method,
-            self.head.target,
-            self.status,
-            self.bytes_in,
-            self.bytes_out,
-            (time.monotonic() - self.started) * 1000,
-        )
+        if self.record is not None:
+            self.record.finish(error)
+        if not self.warned and log.isEnabledFor(logging.INFO):
+            # One line per request, as ngrok's console: "GET /hook 200 12 ms 1.2 kB".
+            log.info(
+                "%s %s %s %.0f ms %s stream=%d%s",
+                self.head.method,
+                redact.current().mask_target(self.head.target),
+                self.status or "-",
+                (time.monotonic() - self.started) * 1000,
+                human_size(self.bytes_out),
+                self.id,
+                " cancelled" if error else "",
+            )
 
     def _prepare_curl(self, curl: Any) -> None:
         if self.cancelled:  # cancelled while queued behind --max-concurrency
@@ -237,6 +264,7 @@ class Exchange:
             log.warning("stream=%d %s %s: %s", self.id, self.head.method, self.head.target, error)
             self.tunnel.send(protocol.Reset(self.id, error.reset_code, error.log_message).encode())
             self.cancelled = True
+            self.warned = True
         return 0  # libcurl aborts the transfer; _finished() sees it cancelled
 
     def _send_head(self) -> None:
@@ -254,6 +282,8 @@ class Exchange:
         self.tunnel.send(head.encode())
         if self.har is not None:
             self.har.response(self.status, self.reason, self.response_headers)
+        if self.record is not None:
+            self.record.response(self.status, self.reason, self.response_headers)
         self.response_length = 0 if self.end_sent else relay.content_length(headers)
         self._check_upload_needed()
 
@@ -291,6 +321,8 @@ class Exchange:
         self.tunnel.send(*protocol.Data(self.id, chunk).parts())
         if self.har is not None:
             self.har.response_body(chunk)
+        if self.record is not None:
+            self.record.response_body(chunk)
         if self.bytes_out == self.response_length:
             self._check_upload_needed()
         return None
@@ -325,6 +357,8 @@ class Exchange:
             self.upload.append(frame.data)
             if self.har is not None:
                 self.har.request_body(frame.data)
+            if self.record is not None:
+                self.record.request_body(frame.data)
         if frame.end_stream:
             self.upload_done = True
         if self.read_paused:
@@ -361,4 +395,5 @@ class Exchange:
         error = errors.UpstreamTimeout(f"no response head within {self.config.timeout:g}s")
         log.warning("stream=%d %s %s: %s", self.id, self.head.method, self.head.target, error)
         self.tunnel.send(protocol.Reset(self.id, error.reset_code, error.log_message).encode())
+        self.warned = True
         self.cancel("timeout")

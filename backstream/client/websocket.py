@@ -74,6 +74,8 @@ class WebSocketExchange:
             headers=http_headers(headers),
             connect_timeout=config.timeout,
             request_timeout=config.timeout,
+            validate_cert=not config.dst_insecure,
+            ca_certs=config.dst_ca or None,
         )
         try:
             conn = await websocket_connect(
@@ -82,16 +84,20 @@ class WebSocketExchange:
                 max_message_size=config.ws_max_message,
             )
         except httpclient.HTTPClientError as e:
-            self._relay_refusal(e)
+            if not self.cancelled:  # else the stream is over: reset, or its tunnel closed
+                self._relay_refusal(e)
             return
         except (TimeoutError, OSError, iostream.StreamClosedError) as e:
+            if self.cancelled:
+                return
             error = errors.UpstreamUnreachable(f"local app websocket: {e}")
             self.tunnel.send(protocol.Reset(self.id, error.reset_code, error.log_message).encode())
             log.warning("stream=%d websocket %s failed: %s", self.id, head.target, e)
             self.tunnel.forget(self.id)
             return
-        if self.cancelled:
+        if self.cancelled:  # the caller left while the app was accepting
             conn.close()
+            self.tunnel.forget(self.id)
             return
         self.conn = conn
         if conn.protocol is not None:
@@ -150,6 +156,8 @@ class WebSocketExchange:
         self.recv_window.receive(len(frame.data))
         conn = self.conn
         if conn is None:
+            if frame.end_stream:  # the caller left before the app's WebSocket opened
+                self.cancel("the caller closed before the upgrade")
             return
         if frame.end_stream:  # the caller's side closed: pass it on, and stop relaying
             conn.close(*protocol.parse_close(frame.data))
@@ -186,7 +194,8 @@ class WebSocketExchange:
 
     def _grant(self, size: int) -> None:
         increment = self.recv_window.consume(size) if size else 0
-        if increment and not self.cancelled:
+        # Once either close went by, the server sends no more: no credit for a stream that ended.
+        if increment and not self.cancelled and not self.close_sent:
             self.tunnel.send(protocol.Window(self.id, increment).encode())
 
     def on_window(self, increment: int) -> None:
