@@ -14,6 +14,7 @@
           +-- UpstreamTimeout          (504) the local app was slower than --timeout
           +-- InvalidResponse          (502) a response head that cannot be relayed
           +-- BodyTooLarge             (413)
+          +-- RequestTimeout           (408) the public caller stopped sending its body
           +-- PolicyDenied             (403)
           +-- PolicyFailure            (500) the policy engine failed: fail closed
 
@@ -106,6 +107,12 @@ class BodyTooLarge(StreamError):
     reset_code = 6
 
 
+class RequestTimeout(StreamError):
+    status = 408
+    reason = "Request body timed out"
+    reset_code = 13
+
+
 class PolicyDenied(StreamError):
     status = 403
     reason = "Forbidden by policy"
@@ -138,6 +145,7 @@ STREAM_ERRORS: dict[int, type[StreamError]] = {
         UpstreamTimeout,
         InvalidResponse,
         BodyTooLarge,
+        RequestTimeout,
         PolicyDenied,
         PolicyFailure,
         Cancelled,

@@ -35,6 +35,7 @@ DEFAULT_HEADERS = (
     "x-csrf-token",
     "x-amz-security-token",
     "x-goog-api-key",
+    "backstream-token",
 )
 #: Query parameters whose values are credentials.
 DEFAULT_QUERY = (

@@ -31,15 +31,28 @@ HOP_BY_HOP = frozenset(
 
 VIA = "1.1 backstream"
 
+#: Headers a ``Connection`` header cannot remove (besides ``X-Forwarded-*``): the
+#: app's own credentials, and what the server sets itself.
+CONNECTION_PROOF = frozenset({"authorization", "cookie", "host", "forwarded", "via"})
+
 
 def strip_hop_by_hop(headers: Iterable[tuple[str, str]], *, drop: Iterable[str] = ()) -> Headers:
-    """Remove hop-by-hop headers, those named in ``Connection``, and ``drop``."""
+    """Remove hop-by-hop headers, those named in ``Connection``, and ``drop``.
+
+    A peer may name its own hop-by-hop headers in ``Connection`` (RFC 9110
+    7.6.1), but not ``CONNECTION_PROOF`` ones or ``X-Forwarded-*``: a caller
+    sending ``Connection: Authorization, X-Forwarded-For`` must not strip the
+    app's credentials or the forwarding headers the server adds.
+    """
     pairs = list(headers)
     removed = set(HOP_BY_HOP)
     removed.update(name.lower() for name in drop)
     for name, value in pairs:
         if name.lower() == "connection":
-            removed.update(token.strip().lower() for token in value.split(",") if token.strip())
+            for token in value.split(","):
+                key = token.strip().lower()
+                if key and key not in CONNECTION_PROOF and not key.startswith("x-forwarded-"):
+                    removed.add(key)
     return [(name, value) for name, value in pairs if name.lower() not in removed]
 
 
@@ -156,6 +169,10 @@ def _merge_repeated(headers: Headers, names: Iterable[str]) -> Headers:
 
 #: A header block larger than this is answered 431 (RFC 6585).
 MAX_HEADER_BLOCK = 64 * 1024
+#: A request target longer than this is answered 414 (``--max-target``).
+MAX_TARGET = 8 * 1024
+#: Bytes no request head may hold: controls other than HTAB, CR and LF (RFC 9110 5.5).
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _DIGITS = re.compile(r"[0-9]{1,19}")
 
 
@@ -195,17 +212,49 @@ def content_length(headers: Iterable[tuple[str, str]]) -> int | None:
     return None
 
 
+def raw_head_problem(head: bytes) -> str | None:
+    """Why a request head, as received (through its empty last line), is refused, or None.
+
+    Every line must end in CRLF: a bare LF or CR ends a line for some parsers
+    and not for others (RFC 9112 2.2). No line folding (RFC 9112 5.2), and no
+    control byte but HTAB (RFC 9110 5.5). Empty lines before the request line
+    are ignored, as RFC 9112 2.2 allows.
+    """
+    head = head.lstrip(b"\r\n")
+    lines = head.count(b"\n")
+    crlf = head.count(b"\r\n")
+    if lines != crlf:
+        return "a line ending in LF without CR"
+    if head.count(b"\r") != crlf:
+        return "a CR not followed by LF"
+    if b"\n " in head or b"\n\t" in head:
+        return "obsolete line folding"
+    if _CONTROL.search(head):
+        return "a control character in the request head"
+    return None
+
+
 def head_problem(
-    method: str, target: str, headers: Sequence[tuple[str, str]], *, handshake: bool
+    method: str,
+    target: str,
+    headers: Sequence[tuple[str, str]],
+    *,
+    handshake: bool,
+    max_target: int = MAX_TARGET,
 ) -> tuple[int, str] | None:
     """(status, reason) for a request head refused before routing, or None.
 
     ``handshake``: the request asks for a WebSocket (public or the tunnel), which
-    never has a body, so none is ever read or buffered for it.
+    never has a body, so none is ever read or buffered for it. ``max_target``:
+    the longest request target (0: no limit).
     """
+    if max_target and len(target) > max_target:
+        return 414, f"request target longer than {max_target} bytes"
     size = len(method) + len(target) + sum(len(name) + len(value) + 4 for name, value in headers)
     if size > MAX_HEADER_BLOCK:
         return 431, f"request header fields larger than {MAX_HEADER_BLOCK} bytes"
+    if sum(1 for name, _ in headers if name.lower() == "host") > 1:
+        return 400, "more than one Host header"
     try:
         length = body_length(headers)
     except ValueError as e:

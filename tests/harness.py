@@ -66,7 +66,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,7 +133,7 @@ class Timeouts:
 
 TIMEOUTS = Timeouts()
 
-SERVER_READY = re.compile(r"listening url=http://127\.0\.0\.1:(\d+)")
+SERVER_READY = re.compile(r"listening url=https?://127\.0\.0\.1:(\d+)")
 CLIENT_READY = re.compile(r"connected to server url=wss?://\S+")
 APP_READY = re.compile(r"listening port=(\d+)")
 
@@ -353,9 +353,10 @@ class Server(Proc):
 class LocalApp(Proc):
     """``python tests/local_app.py --port 0``; ready at ``listening port=``."""
 
-    def __init__(self, port: int = 0, wait: bool = True) -> None:
+    def __init__(self, port: int = 0, wait: bool = True, args: Sequence[str] = ()) -> None:
         super().__init__(
-            "local_app", [sys.executable, str(TESTS / "local_app.py"), "--port", str(port)]
+            "local_app",
+            [sys.executable, str(TESTS / "local_app.py"), "--port", str(port), *args],
         )
         self.port = port
         if wait:
@@ -390,7 +391,11 @@ class LocalApp(Proc):
 
 
 class Client(Proc):
-    """``python -m backstream client -s SERVER -d DEST ...``; ready at ``connected to server``."""
+    """``python -m backstream client -s SERVER -d DEST ...``; ready at ``connected to server``.
+
+    Clients run with ``--no-inspect`` (tests run in parallel: no fight over port 4040)
+    unless ``args`` or ``env`` choose the inspector (``--inspect``, ``BACKSTREAM_INSPECT``).
+    """
 
     def __init__(
         self,
@@ -405,6 +410,9 @@ class Client(Proc):
         self.dest = dest.url if isinstance(dest, LocalApp) else dest
         self.args = list(args)
         argv = [*BACKSTREAM_CMD, "client", "-s", self.server_url, "-d", self.dest, *self.args]
+        chosen = any(a in ("--inspect", "--no-inspect") or a.startswith("--inspect=") for a in args)
+        if not chosen and "BACKSTREAM_INSPECT" not in (env or {}):
+            argv.append("--no-inspect")
         super().__init__("client", argv, env)
         if wait:
             self.wait_connected()
@@ -427,8 +435,8 @@ class ProcessPool:
         self.procs.append(p)
         return p
 
-    def local_app(self, port: int = 0) -> LocalApp:
-        app = LocalApp(port, wait=False)
+    def local_app(self, port: int = 0, args: Sequence[str] = ()) -> LocalApp:
+        app = LocalApp(port, wait=False, args=args)
         self.procs.append(app)
         app.wait_ready()
         return app

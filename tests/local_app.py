@@ -66,6 +66,7 @@ import base64
 import gzip
 import hashlib
 import json
+import ssl
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -549,9 +550,17 @@ async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
+    p.add_argument("--tls-cert", help="serve HTTPS with this PEM certificate chain ...")
+    p.add_argument("--tls-key", help="... and this PEM key")
     args = p.parse_args()
     sockets = bind_sockets(args.port, args.host, backlog=1024)
-    server = HTTPServer(make_app(), max_body_size=1 << 40, idle_connection_timeout=300)
+    tls = None
+    if args.tls_cert:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
+    server = HTTPServer(
+        make_app(), max_body_size=1 << 40, idle_connection_timeout=300, ssl_options=tls
+    )
     server.add_sockets(sockets)
     port = sockets[0].getsockname()[1]
     _say(f"listening port={port}")

@@ -11,11 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import urllib.parse
+from typing import TYPE_CHECKING
 
 from tornado.httputil import HTTPServerRequest
 
 from .. import errors, relay
 from ..auth import CLIENT_PACKAGE, SERVER_PACKAGE, Authorizer, build_input
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 log = logging.getLogger("backstream.auth")
 
@@ -23,10 +27,17 @@ log = logging.getLogger("backstream.auth")
 class Gate:
     """Asks the authorizer about each request; raises when it is not allowed."""
 
-    def __init__(self, authorizer: Authorizer, trusted: tuple[relay.Network, ...] = ()) -> None:
+    def __init__(
+        self,
+        authorizer: Authorizer,
+        trusted: tuple[relay.Network, ...] = (),
+        metrics: Metrics | None = None,
+    ) -> None:
         self.authorizer = authorizer
         #: Proxies (``--trust-forwarded``) whose ``X-Forwarded-For`` names the caller.
         self.trusted = trusted
+        #: Counts each decision by package and result (``--metrics-addr``).
+        self.metrics = metrics
 
     async def check_client(self, request: HTTPServerRequest, target: str, name: str) -> None:
         """``name``: the tunnel name the client asks for (``""``: none)."""
@@ -61,6 +72,8 @@ class Gate:
             **extra,
         )
         decision = await self.authorizer.decide(package, document)
+        if self.metrics is not None:
+            self.metrics.decided(package, decision)
         if decision.error is not None:
             log.error(
                 "policy evaluation failed package=%s %s %s remote=%s: %s",

@@ -4,6 +4,10 @@ Tornado's accept handler lets ``EMFILE`` escape: the listening socket stays
 readable, so the IOLoop calls it again at once and logs a traceback each
 time, a busy loop that fills the log. Here accepting pauses for a moment
 instead, and the condition is logged once per ``LOG_EVERY`` seconds.
+
+Each accepted connection is served by ``limits.PublicConnection`` (a timer for
+each request head, the raw head checked), or refused with 503 beyond
+``limits.max_connections`` served at once.
 """
 
 from __future__ import annotations
@@ -15,8 +19,11 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from tornado.httpserver import HTTPServer
+from tornado import iostream
+from tornado.httpserver import HTTPServer, _HTTPRequestContext
 from tornado.ioloop import IOLoop
+
+from .limits import ConnectionLimits, PublicConnection, refuse_connection
 
 log = logging.getLogger("backstream.server")
 
@@ -30,6 +37,21 @@ _EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 class Server(HTTPServer):
+    #: Connections at once and the time for request heads (set before serving).
+    limits = ConnectionLimits()
+
+    def handle_stream(self, stream: iostream.IOStream, address: tuple[Any, ...]) -> None:
+        # HTTPServer.handle_stream, with our connection class; upgraded (WebSocket)
+        # connections leave ``_connections`` once detached.
+        limit = self.limits.max_connections
+        if limit and len(self._connections) >= limit:
+            refuse_connection(stream, limit)
+            return
+        context = _HTTPRequestContext(stream, address, self.protocol, self.trusted_downstream)
+        conn = PublicConnection(stream, self.conn_params, context, self.limits)
+        self._connections.add(conn)
+        conn.start_serving(self)
+
     def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
         # TCPServer.add_sockets with our accept handler; stop() uses the same two maps.
         for sock in sockets:

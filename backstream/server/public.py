@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from tornado import httputil, iostream
 from tornado.web import RequestHandler, stream_request_body
@@ -17,8 +18,12 @@ from tornado.web import RequestHandler, stream_request_body
 from .. import errors, relay
 from .admission import admit, destination
 from .gate import Gate
+from .limits import IdleTimer
 from .stream import ServerStream
 from .tunnel import Tunnels
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 log = logging.getLogger("backstream.server")
 access_log = logging.getLogger("backstream.access")
@@ -54,6 +59,8 @@ class PublicHandler(RequestHandler):
 
     stream: ServerStream | None = None
     error: errors.StreamError | None = None
+    #: Cuts a request whose body stops coming (``--body-timeout``), while it is read.
+    body_idle: IdleTimer | None = None
 
     def initialize(
         self,
@@ -64,17 +71,23 @@ class PublicHandler(RequestHandler):
         gate: Gate | None = None,
         trusted: tuple[relay.Network, ...] = (),
         domain: str = "",
+        metrics: Metrics | None = None,
+        body_timeout: float = 0.0,
     ) -> None:
         self.tunnels = tunnels
+        self.body_timeout = body_timeout
         self.no_client_code = no_client_code
         self.timeout = timeout
         self.max_body_size = max_body_size
         self.gate = gate
         self.trusted = trusted
         self.domain = domain
+        self.metrics = metrics
         self.started = time.monotonic()
         self.target = ""
         self.tunnel_name = "-"
+        #: The tunnel the request is routed to (``""``: the default), None until known.
+        self.route: str | None = None
         self.body_length = 0
         self.body_received = 0
         self.body_sent = 0
@@ -101,7 +114,7 @@ class PublicHandler(RequestHandler):
             # HeadScreen refused invalid framing already: this cannot raise.
             self.body_length = body_length = relay.body_length(request.headers.get_all())
             target, name = destination(request, self.domain)
-            self.target, self.tunnel_name = target, name or "-"
+            self.target, self.tunnel_name, self.route = target, name or "-", name
             tunnel = await admit(
                 request, target, name, self.tunnels, self.gate, self.no_client_code
             )
@@ -109,11 +122,34 @@ class PublicHandler(RequestHandler):
                 raise errors.BodyTooLarge(f"Content-Length {body_length} > {self.max_body_size}")
         except errors.StreamError as e:
             await self.refuse(e)
+            self._watch_body()
             return
         trusted = relay.is_trusted(request.remote_ip or "", self.trusted)
         self.stream = tunnel.relay_request(
             request, target, body_length, self.timeout, trusted=trusted
         )
+        self._watch_body()
+
+    def _watch_body(self) -> None:
+        """From now on Tornado reads the body: time out when it stops coming."""
+        if self.body_timeout > 0 and self.body_length != 0 and not self._finished:
+            self.body_idle = IdleTimer(self.body_timeout, self._body_stalled)
+
+    def _body_stalled(self) -> None:
+        """No body byte for ``body_timeout`` seconds (credit waits not counted): 408.
+
+        The stream is reset, so the local app's transfer ends too; the connection
+        is closed (the rest of the body could not be told from a next request).
+        """
+        self.body_idle = None
+        if self._finished or self.request.connection.stream.closed():  # type: ignore[union-attr]
+            return
+        error = errors.RequestTimeout(f"no request body byte for {self.body_timeout:g}s")
+        if self.stream is None:  # refused and answered already, its body stopped coming
+            self.error = self.error or error
+            self._close_connection()
+            return
+        self.fail(error)
 
     async def refuse(self, error: errors.StreamError) -> None:
         """Answer a request refused at header time, at once.
@@ -137,6 +173,9 @@ class PublicHandler(RequestHandler):
     async def data_received(self, chunk: bytes) -> None:
         stream = self.stream
         self.body_received += len(chunk)
+        idle = self.body_idle
+        if idle is not None:
+            idle.touch()
         if stream is None or self._finished:
             if not self._finished and self.body_received > LINGER_BYTES:
                 self._close_connection()  # refused, and too much body to drain
@@ -144,9 +183,13 @@ class PublicHandler(RequestHandler):
         if self.max_body_size and self.body_received > self.max_body_size:
             self.fail(errors.BodyTooLarge(f"body exceeded {self.max_body_size} bytes"))
             return
-        await stream.send_body(chunk)
+        if idle is None:
+            await stream.send_body(chunk)
+        else:  # waiting for the tunnel's credit is not the caller's idleness
+            await idle.during(stream.send_body(chunk))
 
     async def relay(self, *args: str) -> None:
+        self._stop_body_idle()  # the whole body is in
         stream = self.stream
         if self._finished:
             return
@@ -220,6 +263,8 @@ class PublicHandler(RequestHandler):
         self.set_status(error.status, type(error).reason if standard else None)
         body = (error.reason + "\n").encode()
         self.set_header("Content-Type", "text/plain; charset=utf-8")
+        if isinstance(error, errors.RequestTimeout):  # Tornado closes it once written
+            self.set_header("Connection", "close")
         self.set_header("Content-Length", len(body))
         self.write(body)
 
@@ -229,15 +274,30 @@ class PublicHandler(RequestHandler):
         self._finished = True
         self.on_finish()
 
+    def _stop_body_idle(self) -> None:
+        if self.body_idle is not None:
+            self.body_idle.cancel()
+            self.body_idle = None
+
     def on_connection_close(self) -> None:
+        # Tornado's own fails the body future its request task waits on: without
+        # it, each caller gone mid-upload kept its handler, task and stream for ever.
+        super().on_connection_close()
+        self._stop_body_idle()
         if self.stream is not None and not self.stream.closed:
             self.stream.reset(errors.Cancelled("public caller went away"))
         elif self.stream is None and self.error is not None and not self._finished:
             self.on_finish()  # refused and answered; the caller left while we drained its body
 
     def on_finish(self) -> None:
+        self._stop_body_idle()
         stream_id = self.stream.id if self.stream is not None else "-"
-        elapsed = (time.monotonic() - self.started) * 1000
+        seconds = time.monotonic() - self.started
+        elapsed = seconds * 1000
+        if self.metrics is not None:
+            self.metrics.finished(
+                self.route, self.get_status(), self.body_received, self.body_sent, seconds
+            )
         # The forwarded path (no query: it may hold tokens), or "-" for a target
         # that was refused (it may be anything, "user:password@host" included).
         path = self.target.partition("?")[0] or "-"

@@ -5,7 +5,7 @@ only when it starts reading the body, which is after a streaming handler's
 ``prepare()`` has run, and so after the head was relayed to the local app.
 A non-streaming handler (the WebSocket ones) gets its body buffered whole
 before ``prepare()``. So the head is judged first, by ``relay.head_problem``.
-A refused request is answered here (400 or 431) and its connection taken
+A refused request is answered here (400, 414 or 431) and its connection taken
 from Tornado: nothing after the head is parsed (its framing is void, so the
 rest could only be misread as another request), and the connection closes
 after a short lingering read, so that the answer is not lost to a reset.
@@ -17,12 +17,16 @@ import asyncio
 import http
 import logging
 import socket
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from tornado import gen, httputil, iostream
 from tornado.http1connection import HTTP1Connection
 
 from .. import protocol, relay
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 access_log = logging.getLogger("backstream.access")
 
@@ -34,20 +38,59 @@ LINGER_BYTES = 1024 * 1024
 #: ... for at most this many seconds, before the connection is closed.
 LINGER_SECONDS = 2.0
 
+#: Characters of a refused request's path in its log line (a 414's may be huge).
+LOGGED_PATH = 200
+
 _closing: set[asyncio.Task[None]] = set()
+
+
+class ScreenedConnection(HTTP1Connection):
+    """One request of a public connection; its raw head is checked before Tornado parses it.
+
+    Tornado accepts lines that end in a bare LF, and answers its own parse errors
+    (line folding, control bytes) with a bare 400 and an immediate close. Here each
+    becomes ``problem``, which ``HeadScreen`` answers like any other refused head.
+    """
+
+    #: Why the raw head is refused (known once it is parsed), or None.
+    problem: str | None = None
+    #: Called once the head is complete; True means it came too late (answered already).
+    on_head: Callable[[], bool] | None = None
+
+    def _parse_headers(self, data: bytes) -> tuple[str, httputil.HTTPHeaders]:
+        on_head = self.on_head
+        if on_head is not None:
+            self.on_head = None
+            if on_head():
+                raise iostream.StreamClosedError()  # answered 408 already: ends the loop
+        self.problem = relay.raw_head_problem(data)
+        try:
+            return super()._parse_headers(data)
+        except httputil.HTTPInputError:
+            # Its message may quote a header value (a secret): never relayed, never logged.
+            self.problem = self.problem or "a malformed header line"
+            text = data.decode("latin-1").lstrip("\r\n")
+            return text.partition("\n")[0].rstrip("\r"), httputil.HTTPHeaders()
 
 
 class HeadScreen(httputil.HTTPMessageDelegate):
     """Passes acceptable requests on to ``inner``; answers the others itself."""
 
-    __slots__ = ("inner", "connection", "refused")
+    __slots__ = ("inner", "connection", "refused", "metrics", "max_target")
 
     def __init__(
-        self, inner: httputil.HTTPMessageDelegate, connection: httputil.HTTPConnection
+        self,
+        inner: httputil.HTTPMessageDelegate,
+        connection: httputil.HTTPConnection,
+        metrics: Metrics | None = None,
+        max_target: int = relay.MAX_TARGET,
     ) -> None:
         self.inner = inner
         self.connection = connection
         self.refused = False
+        self.metrics = metrics
+        #: Longest request target, else 414 (``--max-target``; 0: no limit).
+        self.max_target = max_target
 
     def headers_received(
         self,
@@ -58,8 +101,18 @@ class HeadScreen(httputil.HTTPMessageDelegate):
         handshake = (
             protocol.CLIENT_HEADER in headers or headers.get("Upgrade", "").lower() == "websocket"
         )
-        pairs = list(headers.get_all())
-        problem = relay.head_problem(start_line.method, start_line.path, pairs, handshake=handshake)
+        raw = self.connection.problem if isinstance(self.connection, ScreenedConnection) else None
+        if raw is not None:
+            problem: tuple[int, str] | None = (400, f"bad request: {raw}")
+        else:
+            pairs = list(headers.get_all())
+            problem = relay.head_problem(
+                start_line.method,
+                start_line.path,
+                pairs,
+                handshake=handshake,
+                max_target=self.max_target,
+            )
         if problem is None or not isinstance(self.connection, HTTP1Connection):
             return self.inner.headers_received(start_line, headers)
         self.refused = True
@@ -67,10 +120,12 @@ class HeadScreen(httputil.HTTPMessageDelegate):
         access_log.info(
             "%s %s stream=- status=%d error=%r",
             start_line.method,
-            start_line.path.partition("?")[0],
+            start_line.path.partition("?")[0][:LOGGED_PATH],
             status,
             reason,
         )
+        if self.metrics is not None:  # before routing: no tunnel to count it for
+            self.metrics.other.count(status)
         body = (reason + "\n").encode()
         answer = (
             f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"
