@@ -12,6 +12,7 @@ import asyncio
 import os
 import re
 import sys
+import urllib.parse
 from collections.abc import Coroutine, Sequence
 from typing import Any, NoReturn
 
@@ -56,6 +57,12 @@ def _positive(text: str) -> float:
 def _at_least_one(text: str) -> int:
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1: {text!r}")
+    return int(text)
+
+
+def _whole_number(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number (0: no limit): {text!r}")
     return int(text)
 
 
@@ -243,6 +250,131 @@ def build_parser() -> Any:
         env_var="BACKSTREAM_WS_MAX_MESSAGE",
         help="largest WebSocket message relayed, e.g. 16M (default: 64M; larger ones: 1009)",
     )
+    limits = serve.add_argument_group("limits (0 turns one off)")
+    limits.add_argument(
+        "--max-target",
+        type=parse_size,
+        default=8 * 1024,
+        env_var="BACKSTREAM_MAX_TARGET",
+        help="longest request target, e.g. 16K (default: 8K; longer ones: 414)",
+    )
+    limits.add_argument(
+        "--header-timeout",
+        type=_positive,
+        default=10.0,
+        env_var="BACKSTREAM_HEADER_TIMEOUT",
+        help="seconds a request head may take (default: 10; else 408)",
+    )
+    limits.add_argument(
+        "--idle-timeout",
+        type=_positive,
+        default=60.0,
+        env_var="BACKSTREAM_IDLE_TIMEOUT",
+        help="seconds a kept-alive connection waits for its next request (default: 60)",
+    )
+    limits.add_argument(
+        "--body-timeout",
+        type=_positive,
+        default=30.0,
+        env_var="BACKSTREAM_BODY_TIMEOUT",
+        help="seconds without a byte of a request body (default: 30; else 408)",
+    )
+    limits.add_argument(
+        "--max-connections",
+        type=_whole_number,
+        default=10000,
+        env_var="BACKSTREAM_MAX_CONNECTIONS",
+        help="public connections at once (default: 10000; more get 503)",
+    )
+    limits.add_argument(
+        "--max-streams",
+        type=_whole_number,
+        default=1000,
+        env_var="BACKSTREAM_MAX_STREAMS",
+        help="requests in flight per tunnel client (default: 1000; more get 503)",
+    )
+    limits.add_argument(
+        "--max-clients",
+        type=_whole_number,
+        default=1000,
+        env_var="BACKSTREAM_MAX_CLIENTS",
+        help="tunnel clients connected at once (default: 1000; more are refused with 503)",
+    )
+    secure = serve.add_argument_group("TLS and token")
+    secure.add_argument(
+        "--tls-cert",
+        default="",
+        env_var="BACKSTREAM_TLS_CERT",
+        metavar="FILE",
+        help="PEM certificate chain: serve HTTPS and WSS on --addr (reloaded on SIGHUP)",
+    )
+    secure.add_argument(
+        "--tls-key",
+        default="",
+        env_var="BACKSTREAM_TLS_KEY",
+        metavar="FILE",
+        help="PEM private key of --tls-cert",
+    )
+    secure.add_argument(
+        "--token",
+        default="",
+        env_var="BACKSTREAM_TOKEN",
+        help="a shared secret every tunnel client must present (with policies: both must allow)",
+    )
+    cluster = serve.add_argument_group("scale-out")
+    cluster.add_argument(
+        "--redis",
+        default="",
+        env_var="BACKSTREAM_REDIS",
+        metavar="URL",
+        help="Redis holding the cluster's shared state, e.g. redis://10.0.0.2:6379/0 "
+        "(default: none, one instance)",
+    )
+    cluster.add_argument(
+        "--cluster-secret",
+        default="",
+        env_var="BACKSTREAM_CLUSTER_SECRET",
+        help="secret authenticating the links between instances (required with --redis)",
+    )
+    cluster.add_argument(
+        "--advertise",
+        default="",
+        env_var="BACKSTREAM_ADVERTISE",
+        metavar="URL",
+        help="how other instances reach this one, e.g. http://10.0.0.5:8080 "
+        "(default: from -a when it is a concrete address)",
+    )
+    cluster.add_argument(
+        "--workers",
+        type=_at_least_one,
+        default=1,
+        env_var="BACKSTREAM_WORKERS",
+        help="processes sharing the public port, each an instance (default: 1; "
+        "more need --redis)",
+    )
+    observe = serve.add_argument_group("metrics and health")
+    observe.add_argument(
+        "--metrics-addr",
+        default="",
+        env_var="BACKSTREAM_METRICS_ADDR",
+        metavar="HOST:PORT",
+        help="serve /metrics (Prometheus), /healthz and /readyz on this address, a port of "
+        "their own, e.g. 127.0.0.1:9090 (default: none)",
+    )
+    observe.add_argument(
+        "--ready-needs-client",
+        action="store_true",
+        env_var="BACKSTREAM_READY_NEEDS_CLIENT",
+        help="/readyz answers 503 until a tunnel client is connected",
+    )
+    observe.add_argument(
+        "--metrics-max-tunnels",
+        type=_at_least_one,
+        default=500,
+        env_var="BACKSTREAM_METRICS_MAX_TUNNELS",
+        help="tunnel names with metric series of their own; the others count as 'other' "
+        "(default: 500)",
+    )
     _add_logging(serve, defaults=False)
 
     client = commands.add_parser(
@@ -358,6 +490,71 @@ def build_parser() -> Any:
         env_var="BACKSTREAM_WS_MAX_MESSAGE",
         help="largest WebSocket message relayed, e.g. 16M (default: 64M; larger ones: 1009)",
     )
+    secure = client.add_argument_group("TLS and token")
+    secure.add_argument(
+        "--token",
+        default="",
+        env_var="BACKSTREAM_TOKEN",
+        help="the server's shared secret (its --token)",
+    )
+    secure.add_argument(
+        "--ca",
+        default="",
+        env_var="BACKSTREAM_CA",
+        metavar="FILE",
+        help="PEM CA certificates to verify the server with (default: the system store)",
+    )
+    secure.add_argument(
+        "--insecure",
+        action="store_true",
+        env_var="BACKSTREAM_INSECURE",
+        help="do not verify the server's certificate (warned at every connect)",
+    )
+    secure.add_argument(
+        "--dst-ca",
+        default="",
+        env_var="BACKSTREAM_DST_CA",
+        metavar="FILE",
+        help="PEM CA certificates to verify an https:// local app with",
+    )
+    secure.add_argument(
+        "--dst-insecure",
+        action="store_true",
+        env_var="BACKSTREAM_DST_INSECURE",
+        help="do not verify an https:// local app's certificate (self-signed dev servers)",
+    )
+    inspect = client.add_argument_group("inspector")
+    inspect.add_argument(
+        "--inspect",
+        default="127.0.0.1:4040",
+        env_var="BACKSTREAM_INSPECT",
+        metavar="ADDR",
+        help="where the inspector (web page, API, /metrics) listens; the next free port "
+        "when taken; 'off' for none (default: 127.0.0.1:4040)",
+    )
+    inspect.add_argument("--no-inspect", action="store_true", help="no inspector")
+    inspect.add_argument(
+        "--inspect-keep",
+        type=_at_least_one,
+        default=200,
+        env_var="BACKSTREAM_INSPECT_KEEP",
+        help="requests the inspector keeps (default: 200)",
+    )
+    inspect.add_argument(
+        "--inspect-body-limit",
+        type=parse_size,
+        default=1024 * 1024,
+        env_var="BACKSTREAM_INSPECT_BODY_LIMIT",
+        help="bytes of each body the inspector keeps (default: 1M)",
+    )
+    inspect.add_argument(
+        "--inspect-memory",
+        type=parse_size,
+        default=16 * 1024 * 1024,
+        env_var="BACKSTREAM_INSPECT_MEMORY",
+        help="bytes of bodies the inspector keeps in all, the oldest let go first "
+        "(default: 16M)",
+    )
     _add_logging(client, defaults=False)
     return parser
 
@@ -389,7 +586,58 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         name_grace=args.name_grace,
         max_tunnels=args.max_tunnels,
         ws_max_message=args.ws_max_message,
+        max_target=args.max_target,
+        header_timeout=args.header_timeout,
+        idle_timeout=args.idle_timeout,
+        body_timeout=args.body_timeout,
+        max_connections=args.max_connections,
+        max_streams=args.max_streams,
+        max_clients=args.max_clients,
+        metrics_addr=parse_addr(args.metrics_addr) if args.metrics_addr.strip() else None,
+        ready_needs_client=_needs_metrics(args.ready_needs_client, args.metrics_addr),
+        metrics_max_tunnels=args.metrics_max_tunnels,
+        tls=_tls_pair(args.tls_cert, args.tls_key),
+        token=args.token,
+        **_cluster(args, host),
     )
+
+
+def _cluster(args: argparse.Namespace, host: str) -> dict[str, Any]:
+    """The scale-out settings, checked: each needs the ones it builds on."""
+    if not args.redis:
+        if args.workers > 1:
+            raise ConfigError("--workers above 1 needs --redis (the workers share their tunnels)")
+        return {}
+    if not args.cluster_secret:
+        raise ConfigError("--redis needs --cluster-secret (it authenticates the instances)")
+    advertise = args.advertise.strip().rstrip("/")
+    if advertise:
+        parts = urllib.parse.urlsplit(advertise)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path:
+            raise ConfigError(f"invalid --advertise {advertise!r}: expected http(s)://host:port")
+    elif host in ("0.0.0.0", "::", ""):
+        raise ConfigError(
+            "-a listens on every interface: say how other instances reach this one "
+            "with --advertise http://ADDRESS:PORT"
+        )
+    return {
+        "redis": args.redis,
+        "cluster_secret": args.cluster_secret,
+        "advertise": advertise,
+        "workers": args.workers,
+    }
+
+
+def _tls_pair(cert: str, key: str) -> tuple[str, str] | None:
+    if bool(cert) != bool(key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    return (cert, key) if cert else None
+
+
+def _needs_metrics(ready_needs_client: bool, metrics_addr: str) -> bool:
+    if ready_needs_client and not metrics_addr.strip():
+        raise ConfigError("--ready-needs-client needs --metrics-addr (where /readyz is served)")
+    return ready_needs_client
 
 
 def client_config(args: argparse.Namespace) -> ClientConfig:
@@ -415,7 +663,26 @@ def client_config(args: argparse.Namespace) -> ClientConfig:
         max_backoff=args.max_backoff,
         name=_checked(routing.check_name, args.name) if args.name else "",
         ws_max_message=args.ws_max_message,
+        inspect_addr=None if args.no_inspect else _inspect_addr(args.inspect),
+        inspect_keep=args.inspect_keep,
+        inspect_body_limit=args.inspect_body_limit,
+        inspect_memory=args.inspect_memory,
+        token=args.token,
+        ca=args.ca,
+        insecure=args.insecure,
+        dst_ca=args.dst_ca,
+        dst_insecure=args.dst_insecure,
     )
+
+
+def _inspect_addr(text: str) -> tuple[str, int] | None:
+    """``off``, a port (on loopback) or ``HOST:PORT`` for ``--inspect``."""
+    text = text.strip()
+    if text.lower() in ("off", "no", "none", "false"):
+        return None
+    if text.lstrip(":").isdigit():  # "4041" or ":4041": loopback, not every interface
+        text = "127.0.0.1:" + text.lstrip(":")
+    return parse_addr(text)
 
 
 def _checked(check: Any, text: str) -> Any:
@@ -465,18 +732,36 @@ def main(argv: Sequence[str] | None = None) -> None:
 
             config: Any = server_config(args)
             runner: Any = run_server
+            if config.workers > 1:
+                _setup(args)
+                from .server.workers import supervise
+
+                sys.exit(supervise(config, lambda worker: _run(run_server, worker)))
         else:
             from .client import run_client
 
             config = client_config(args)
             runner = run_client
-        redact.configure(
-            args.mask_header or _env_list("BACKSTREAM_MASK_HEADER", ",\n"),
-            args.mask_query or _env_list("BACKSTREAM_MASK_QUERY", ",\n"),
-        )
-        setup_logging(args.log_level, args.log_format, args.log_output)
-        heap.keep_freed_buffers()
-        masking.install()
+        _setup(args)
+    except ConfigError as e:
+        print(f"backstream: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    _run(runner, config)
+
+
+def _setup(args: argparse.Namespace) -> None:
+    redact.configure(
+        args.mask_header or _env_list("BACKSTREAM_MASK_HEADER", ",\n"),
+        args.mask_query or _env_list("BACKSTREAM_MASK_QUERY", ",\n"),
+    )
+    setup_logging(args.log_level, args.log_format, args.log_output)
+    heap.keep_freed_buffers()
+    masking.install()
+
+
+def _run(runner: Any, config: Any) -> None:
+    """Run a server or client; bad settings exit 2, an OS refusal (a busy port) 1."""
+    try:
         run_loop(runner(config))
     except ConfigError as e:
         print(f"backstream: error: {e}", file=sys.stderr)

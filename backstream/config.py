@@ -54,6 +54,43 @@ class ServerConfig:
     max_tunnels: int = 1000
     #: Largest WebSocket message relayed, in bytes (``--ws-max-message``; default 64 MiB).
     ws_max_message: int = DEFAULT_WEBSOCKET_MESSAGE
+    #: Longest request target in bytes, else 414 (``--max-target``; default 8 KiB; 0: none).
+    max_target: int = 8 * 1024
+    #: Seconds a request head may take, else 408 (``--header-timeout``; default 10; 0: none).
+    header_timeout: float = 10.0
+    #: Seconds a kept-alive connection waits for its next request (``--idle-timeout``;
+    #: default 60; 0: none).
+    idle_timeout: float = 60.0
+    #: Seconds without a request body byte, else 408 (``--body-timeout``; default 30; 0: none).
+    body_timeout: float = 30.0
+    #: Public connections at once, beyond it 503 (``--max-connections``; default 10000).
+    max_connections: int = 10000
+    #: Streams in flight per tunnel client, beyond it 503 (``--max-streams``; default 1000).
+    max_streams: int = 1000
+    #: Tunnel clients connected at once, beyond it 503 (``--max-clients``; default 1000).
+    max_clients: int = 1000
+    #: (host, port) of ``/metrics``, ``/healthz`` and ``/readyz``, on a port of their
+    #: own (``--metrics-addr``; default None: not served).
+    metrics_addr: tuple[str, int] | None = None
+    #: ``/readyz`` answers 503 until a tunnel client is connected (default False).
+    ready_needs_client: bool = False
+    #: Tunnel names with metric series of their own; the others count as ``other``
+    #: (``--metrics-max-tunnels``; default 500).
+    metrics_max_tunnels: int = 500
+    #: Certificate chain and key files: serve HTTPS and WSS (``--tls-cert``/``--tls-key``).
+    tls: tuple[str, str] | None = None
+    #: A shared secret tunnel clients must present (``--token``; default none).
+    token: str = dataclasses.field(default="", repr=False)
+    #: Redis URL of the cluster's shared state (``--redis``; default none: one instance).
+    redis: str = dataclasses.field(default="", repr=False)
+    #: Secret that authenticates peer links between instances (``--cluster-secret``).
+    cluster_secret: str = dataclasses.field(default="", repr=False)
+    #: How other instances reach this one (``--advertise``; default from ``-a``).
+    advertise: str = ""
+    #: Processes sharing the public port (``--workers``; default 1).
+    workers: int = 1
+    #: This worker's index under ``--workers``, -1 when not a worker.
+    worker: int = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +127,26 @@ class ClientConfig:
     name: str = ""
     #: Largest WebSocket message relayed, in bytes (``--ws-max-message``; default 64 MiB).
     ws_max_message: int = DEFAULT_WEBSOCKET_MESSAGE
+    #: Where the inspector listens (``--inspect``; default 127.0.0.1:4040, the next free
+    #: port when taken; port 0 picks any); None with ``--no-inspect``.
+    inspect_addr: tuple[str, int] | None = ("127.0.0.1", 4040)
+    #: Requests the inspector keeps, the oldest dropped first (``--inspect-keep``; default 200).
+    inspect_keep: int = 200
+    #: Bytes of each body the inspector keeps (``--inspect-body-limit``; default 1 MiB).
+    inspect_body_limit: int = 1024 * 1024
+    #: Bytes of bodies the inspector keeps in all; the oldest go first
+    #: (``--inspect-memory``; default 16 MiB).
+    inspect_memory: int = 16 * 1024 * 1024
+    #: The server's shared secret, sent in the handshake (``--token``; default none).
+    token: str = dataclasses.field(default="", repr=False)
+    #: CA file to verify the server's certificate with (``--ca``; default the system store).
+    ca: str = ""
+    #: Do not verify the server's certificate (``--insecure``; warned at every connect).
+    insecure: bool = False
+    #: CA file to verify an ``https://`` local app with (``--dst-ca``).
+    dst_ca: str = ""
+    #: Do not verify an ``https://`` local app's certificate (``--dst-insecure``).
+    dst_insecure: bool = False
 
     @property
     def dst_netloc(self) -> str:

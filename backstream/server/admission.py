@@ -8,11 +8,16 @@ denied request never takes a slot anywhere.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from tornado.httputil import HTTPServerRequest
 
 from .. import errors, relay, routing
 from .gate import Gate
 from .tunnel import Tunnel, Tunnels
+
+if TYPE_CHECKING:
+    from .peers import PeerRoute
 
 
 def destination(request: HTTPServerRequest, domain: str) -> tuple[str, str]:
@@ -32,8 +37,19 @@ async def admit(
     tunnels: Tunnels,
     gate: Gate | None,
     no_client_code: int,
-) -> Tunnel:
-    """The tunnel member for the request; ``StreamError`` (403, 404, 500, 503) if none."""
+) -> Tunnel | PeerRoute:
+    """The tunnel member for the request; ``StreamError`` (403, 404, 500, 503) if none.
+
+    A local member first; else, in a cluster, the instance that holds the name.
+    """
     if gate is not None:
         await gate.check_public(request, target, name)
-    return tunnels.pick(name, no_client_code)
+    try:
+        return tunnels.pick(name, no_client_code)
+    except (errors.UnknownTunnel, errors.NoClient):
+        if tunnels.remote is None:
+            raise
+        route = await tunnels.remote.route(name)
+        if route is None:
+            raise
+        return route

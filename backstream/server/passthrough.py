@@ -196,6 +196,8 @@ class PassthroughHandler(WebSocketHandler):
                     final=fragment.final,
                 )
                 stream.consumed(len(fragment.data))
+                if (meter := stream.tunnel.meter) is not None:
+                    meter.sent.inc(len(fragment.data))
                 if fragment.final and fragment.size >= heap.TRIM_THRESHOLD:
                     heap.release_free_memory()
             code, reason = stream.close_info
@@ -210,6 +212,8 @@ class PassthroughHandler(WebSocketHandler):
         if stream is None:
             return
         data = message.encode("utf-8") if isinstance(message, str) else message
+        if (meter := stream.tunnel.meter) is not None:
+            meter.received.inc(len(data))
         try:
             await stream.send_message(data, text=isinstance(message, str))
         except errors.StreamError:

@@ -18,13 +18,20 @@ import hmac
 import itertools
 import logging
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from tornado.httputil import HTTPServerRequest
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from .. import errors, protocol, relay, routing, websocket_writer
+from ..auth.token import TOKEN_HEADER
+from ..auth.token import matches as token_matches
 from .gate import Gate
 from .stream import MAX_UNSENT, ServerStream
+
+if TYPE_CHECKING:
+    from .metrics import Metrics, Series
+    from .peers import RemoteTunnels
 
 log = logging.getLogger("backstream.server")
 
@@ -32,8 +39,8 @@ _tunnel_ids = itertools.count(1)
 
 #: Handshake headers each WebSocket connection makes for itself.
 HANDSHAKE_HEADERS = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions")
-#: Tornado answered any Expect itself; the tunnel header is for the server alone.
-_NEVER_RELAYED = ("Expect", routing.TUNNEL_HEADER)
+#: Tornado answered any Expect itself; the tunnel and token headers are for the server alone.
+_NEVER_RELAYED = ("Expect", routing.TUNNEL_HEADER, TOKEN_HEADER)
 
 
 def credential_of(authorization: Iterable[str]) -> bytes:
@@ -52,7 +59,8 @@ class Tunnel:
         self.handler = handler
         self.name = name
         self.credential = credential
-        self.streams: dict[int, ServerStream] = {}
+        #: Streams in flight by id: ``ServerStream`` objects, or a peer link's splices.
+        self.streams: dict[int, Any] = {}
         self._next_stream_id = 1
         self._batch = protocol.Batch()
         self.open = True
@@ -60,13 +68,29 @@ class Tunnel:
         self.unsent = 0
         #: Streams waiting for ``unsent`` to fall to ``MAX_UNSENT``.
         self.stalled: set[ServerStream] = set()
+        #: The server's metrics (``--metrics-addr``), or None.
+        self.metrics: Metrics | None = None
+
+    @property
+    def meter(self) -> Series | None:
+        """This tunnel's metric series (for WebSocket messages), None without metrics."""
+        return self.metrics.series(self.name) if self.metrics is not None else None
 
     def open_stream(self, timeout: float) -> ServerStream:
+        stream = ServerStream(self, 0, timeout)
+        stream.id = self.attach(stream)
+        return stream
+
+    def attach(self, stream: Any) -> int:
+        """Give ``stream`` the next id and route that id's frames to it."""
         stream_id = self._next_stream_id
         self._next_stream_id = stream_id + 1 if stream_id < 0xFFFFFFFF else 1
-        stream = ServerStream(self, stream_id, timeout)
         self.streams[stream_id] = stream
-        return stream
+        return stream_id
+
+    def connection(self) -> Any:
+        """The WebSocket protocol object frames are written to."""
+        return self.handler.ws_connection
 
     def relay_request(
         self,
@@ -77,19 +101,23 @@ class Tunnel:
         *,
         upgrade: bool = False,
         trusted: bool = False,
+        via: str | None = None,
     ) -> ServerStream:
         """Open a stream for a public request and send its head to the client.
 
         ``trusted``: the request came through a proxy named by ``--trust-forwarded``.
+        ``via``: the tunnel name, for a peer link (the holding instance routes on it).
         """
         # A WebSocket's handshake headers are made anew by the client's own
         # connection to the local app.
-        drop = (*HANDSHAKE_HEADERS, routing.TUNNEL_HEADER) if upgrade else _NEVER_RELAYED
+        drop = (*HANDSHAKE_HEADERS, *_NEVER_RELAYED[1:]) if upgrade else _NEVER_RELAYED
         headers = relay.strip_hop_by_hop(request.headers.get_all(), drop=drop)
         remote, host = request.remote_ip or "", request.host or ""
         headers = relay.add_forwarded(
             headers, remote=remote, scheme=request.protocol, host=host, trusted=trusted
         )
+        if via is not None:
+            headers.append((routing.TUNNEL_HEADER, via))
         stream = self.open_stream(timeout)
         stream.upgrade = upgrade
         stream.body_open = body_length != 0
@@ -127,7 +155,7 @@ class Tunnel:
         try:
             for pieces in messages:
                 size = sum(map(len, pieces))
-                written = websocket_writer.write_binary(self.handler.ws_connection, pieces)
+                written = websocket_writer.write_binary(self.connection(), pieces)
                 self.unsent += size
                 written.add_done_callback(functools.partial(self._sent, size))
         except WebSocketClosedError:
@@ -192,23 +220,26 @@ class Pool:
     def admits(self, credential: bytes) -> bool:
         return hmac.compare_digest(self.owner, credential)
 
-    def pick(self) -> Tunnel | None:
+    def pick(self, max_streams: int = 0) -> Tunnel | None:
         """The member with the fewest streams in flight (ties in turn), or None.
 
         A member whose tunnel is closing, or whose client stopped reading
-        (``MAX_UNSENT`` queued), gets nothing new: not even a request head.
+        (``MAX_UNSENT`` queued), or that has ``max_streams`` streams open
+        (0: no limit), gets nothing new: not even a request head.
         """
         members = self.members
+        limit = max_streams or 1 << 62
         if len(members) == 1:
             only = members[0]
-            return only if only.open and only.unsent <= MAX_UNSENT else None
+            usable = only.open and only.unsent <= MAX_UNSENT and len(only.streams) < limit
+            return only if usable else None
         if not members:
             return None
         self._turn = turn = (self._turn + 1) % len(members)
         best: Tunnel | None = None
         for i in range(len(members)):
             member = members[(turn + i) % len(members)]
-            if not member.open or member.unsent > MAX_UNSENT:
+            if not member.open or member.unsent > MAX_UNSENT or len(member.streams) >= limit:
                 continue
             if best is None or len(member.streams) < len(best.streams):
                 best = member
@@ -223,16 +254,36 @@ class Tunnels:
     and nobody else can take it in the gap.
     """
 
-    def __init__(self, *, grace: float = 60.0, max_names: int = 1000) -> None:
+    def __init__(
+        self,
+        *,
+        grace: float = 60.0,
+        max_names: int = 1000,
+        max_clients: int = 0,
+        max_streams: int = 0,
+    ) -> None:
         self._pools: dict[str, Pool] = {}
         self.grace = grace
         self.max_names = max_names
+        #: Clients connected at once (``--max-clients``; 0: no limit), beyond it 503.
+        self.max_clients = max_clients
+        #: Streams in flight per client (``--max-streams``; 0: no limit), beyond it 503.
+        self.max_streams = max_streams
+        #: The names other instances hold (``--redis``), or None.
+        self.remote: RemoteTunnels | None = None
+        self._releases: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
         return sum(len(pool.members) for pool in self._pools.values())
 
+    def pools(self) -> list[Pool]:
+        """Every name held, reserved ones included (read by the metrics at scrape time)."""
+        return list(self._pools.values())
+
     def refusal(self, name: str, credential: bytes) -> tuple[int, str] | None:
         """(status, reason) if a client with ``credential`` may not join ``name``, or None."""
+        if self.max_clients and len(self) >= self.max_clients:
+            return 503, f"this server has its maximum of {self.max_clients} clients connected"
         pool = self._pools.get(name)
         if pool is None:
             if len(self._pools) >= self.max_names:
@@ -244,6 +295,19 @@ class Tunnels:
 
     def taken(self, name: str) -> bool:
         return name in self._pools
+
+    def held(self, name: str) -> bool:
+        """Whether a client of ``name`` is connected here."""
+        pool = self._pools.get(name)
+        return pool is not None and bool(pool.members)
+
+    def release_remotely(self, name: str) -> None:
+        """No client of ``name`` is left here: tell the cluster (its reservation starts)."""
+        if self.remote is None or self.held(name):
+            return
+        task = asyncio.ensure_future(self.remote.cluster.release(name))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
 
     def add(self, tunnel: Tunnel) -> None:
         """Join ``tunnel`` to its name's pool; check ``refusal`` first."""
@@ -276,10 +340,16 @@ class Tunnels:
     def pick(self, name: str, no_client_code: int = 503) -> Tunnel:
         """The tunnel for a request to ``name``; raises NoClient or UnknownTunnel."""
         pool = self._pools.get(name)
-        tunnel = pool.pick() if pool is not None else None
+        tunnel = pool.pick(self.max_streams) if pool is not None else None
         if tunnel is not None:
             return tunnel
         if pool is not None and any(member.open for member in pool.members):
+            limit = self.max_streams
+            if limit and all(len(m.streams) >= limit for m in pool.members if m.open):
+                raise errors.NoClient(
+                    f"tunnel {name or '(default)'}: every client has {limit} streams in flight",
+                    reason="The tunnel is busy",
+                )
             raise errors.NoClient(
                 f"tunnel {name or '(default)'}: every client has {MAX_UNSENT} bytes unsent",
                 reason="The tunnel client is not keeping up",
@@ -292,6 +362,10 @@ class Tunnels:
         )
 
 
+#: Registry refusals (``Tunnels.refusal``) by status, as metric reasons.
+_REGISTRY_REFUSALS = {409: "name_in_use", 503: "server_full"}
+
+
 class TunnelHandler(WebSocketHandler):
     """Accepts tunnel clients (requests with a ``Backstream-Client`` header)."""
 
@@ -299,21 +373,38 @@ class TunnelHandler(WebSocketHandler):
     tunnel: Tunnel | None = None
     credential = b""
     name = ""
+    #: Why this tunnel went away, when this side knows better than the close code.
+    gone: str | None = None
 
     def initialize(
-        self, tunnels: Tunnels, gate: Gate | None = None, domain: str = "", public_url: str = ""
+        self,
+        tunnels: Tunnels,
+        gate: Gate | None = None,
+        domain: str = "",
+        public_url: str = "",
+        metrics: Metrics | None = None,
+        token: str = "",
     ) -> None:
         self.tunnels = tunnels
         self.gate = gate
+        self.token = token
         self.domain = domain
         self.public_url = public_url
+        self.metrics = metrics
 
     async def prepare(self) -> None:
         request = self.request
         problem = protocol.check_version(request.headers.get(protocol.CLIENT_HEADER))
         if problem is not None:
             log.warning("refused tunnel client remote=%s: %s", request.remote_ip, problem)
-            self._refuse(400, problem)
+            self._refuse(400, problem, "version")
+            return
+        if self.token and not token_matches(request.headers.get(TOKEN_HEADER), self.token):
+            log.warning(
+                "refused tunnel client remote=%s status=401: missing or wrong token",
+                request.remote_ip,
+            )
+            self._refuse(401, "missing or wrong token", "token")
             return
         asked = request.headers.get(routing.NAME_HEADER, "").strip()
         try:
@@ -322,11 +413,11 @@ class TunnelHandler(WebSocketHandler):
                 target = relay.origin_form(request.uri or "/")
                 await self.gate.check_client(request, target, name)
         except errors.StreamError as e:
-            self._refuse(e.status, e.reason)
+            self._refuse(e.status, e.reason, "denied" if e.status == 403 else "policy_error")
             return
         except ValueError as e:
             log.warning("refused tunnel client remote=%s status=400: %s", request.remote_ip, e)
-            self._refuse(400, str(e))
+            self._refuse(400, str(e), "bad_name")
             return
         if not name and self.domain:
             name = routing.random_name()
@@ -334,7 +425,7 @@ class TunnelHandler(WebSocketHandler):
                 name = routing.random_name()
         self.name = name
         self.credential = credential_of(request.headers.get_list("Authorization"))
-        if self._refused_by_registry():
+        if self._refused_by_registry() or await self._refused_by_cluster():
             return
         # Sent with the 101: the client learns its name and where it is reached.
         self.set_header(routing.NAME_HEADER, name)
@@ -357,11 +448,37 @@ class TunnelHandler(WebSocketHandler):
             status,
             reason,
         )
-        self._refuse(status, reason)
+        self._refuse(status, reason, _REGISTRY_REFUSALS.get(status, "name_in_use"))
         return True
 
-    def _refuse(self, status: int, message: str) -> None:
-        """Answer the handshake with an error instead of upgrading."""
+    async def _refused_by_cluster(self) -> bool:
+        remote = self.tunnels.remote
+        if remote is None:
+            return False
+        try:
+            if await remote.cluster.claim(self.name, self.credential):
+                return False
+        except errors.StreamError as e:
+            log.warning("refused tunnel client remote=%s status=503: %s", self.request.remote_ip, e)
+            self._refuse(503, e.reason, "cluster_unavailable")
+            return True
+        reason = f"name {self.name} is in use" if self.name else "the tunnel is in use"
+        log.warning(
+            "refused tunnel client remote=%s tunnel_name=%s status=409: %s (in the cluster)",
+            self.request.remote_ip,
+            self.name or "-",
+            reason,
+        )
+        self._refuse(409, reason, "name_in_use")
+        return True
+
+    def _refuse(self, status: int, message: str, reason: str) -> None:
+        """Answer the handshake with an error instead of upgrading.
+
+        ``reason``: the refusal's label in ``backstream_client_refusals_total``.
+        """
+        if self.metrics is not None:
+            self.metrics.refused(reason)
         self.clear_header(routing.NAME_HEADER)
         self.clear_header(routing.URL_HEADER)
         self.set_status(status)
@@ -376,11 +493,17 @@ class TunnelHandler(WebSocketHandler):
         refusal = self.tunnels.refusal(self.name, self.credential)
         if refusal is not None:  # another owner connected while this one was upgrading
             log.warning("refused tunnel client remote=%s: %s", self.request.remote_ip, refusal[1])
+            if self.metrics is not None:
+                self.metrics.refused(_REGISTRY_REFUSALS.get(refusal[0], "name_in_use"))
             self.close(4000 + refusal[0], refusal[1][:120])
+            self.tunnels.release_remotely(self.name)
             return
         self.set_nodelay(True)
         self.tunnel = Tunnel(self, self.request.remote_ip or "", self.name, self.credential)
         self.tunnels.add(self.tunnel)
+        if self.metrics is not None:
+            self.metrics.connects.inc()
+            self.tunnel.metrics = self.metrics
         log.info(
             "client connected tunnel=%d tunnel_name=%s remote=%s clients=%d",
             self.tunnel.id,
@@ -399,6 +522,7 @@ class TunnelHandler(WebSocketHandler):
             tunnel.receive(message)
         except errors.ProtocolError as e:
             log.error("protocol error, closing tunnel=%d: %s", tunnel.id, e)
+            self.gone = "protocol_error"
             tunnel.closed(f"protocol error: {e}")
             self.close(1002, "protocol error")
 
@@ -407,8 +531,14 @@ class TunnelHandler(WebSocketHandler):
         if tunnel is None:
             return
         self.tunnels.remove(tunnel)
+        self.tunnels.release_remotely(tunnel.name)
         in_flight = len(tunnel.streams)
         tunnel.closed(f"code={self.close_code} reason={self.close_reason!r}")
+        if self.metrics is not None:
+            # Without a close frame from the client, the connection was lost.
+            self.metrics.disconnected(
+                self.gone or ("closed" if self.close_code is not None else "lost")
+            )
         log.info(
             "client disconnected tunnel=%d tunnel_name=%s in_flight=%d clients=%d",
             tunnel.id,
