@@ -1,8 +1,10 @@
 """TLS contexts: the server's certificate (reloaded in place), the client's trust.
 
-The server keeps one ``SSLContext`` for its whole life and loads a renewed
-certificate into it on ``SIGHUP``: connections already open keep theirs, new
-handshakes get the new one, and a broken file leaves the old one in force.
+On ``SIGHUP`` the server loads the renewed files into a new ``SSLContext``
+and, only if they load, uses it for the next handshakes: connections already
+open keep theirs, and a broken file (or a certificate with the wrong key)
+leaves the old context in force, untouched. Loading into the live context
+instead would leave it with the new certificate and no key.
 The client verifies the server like a browser does (system trust store and
 host name) unless told otherwise, and says so at every connect when it is.
 """
@@ -26,15 +28,15 @@ def server_context(cert: str, key: str) -> ssl.SSLContext:
     return context
 
 
-def reload(context: ssl.SSLContext, cert: str, key: str) -> bool:
-    """Load a renewed certificate into ``context``; keep the old one if it fails."""
+def reload(cert: str, key: str) -> ssl.SSLContext | None:
+    """A new context with the renewed files, or None (logged) if they do not load."""
     try:
-        _load(context, cert, key)
+        context = server_context(cert, key)
     except ConfigError as e:
         log.error("certificate not reloaded, the old one stays in force: %s", e)
-        return False
+        return None
     log.info("certificate reloaded cert=%s", cert)
-    return True
+    return context
 
 
 def _load(context: ssl.SSLContext, cert: str, key: str) -> None:

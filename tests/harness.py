@@ -56,6 +56,7 @@ children's environment; pass ``env=`` to set some.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -298,7 +299,9 @@ class Proc:
         return rc
 
     def close(self) -> None:
-        """Kill if still running (teardown)."""
+        """Kill if still running (teardown), with whatever it started (its process group)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
         if self.alive():
             self.signal(signal.SIGKILL)
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import http.client
 import json
 import time
 from typing import Any
@@ -299,3 +300,35 @@ def test_cluster_flags_are_checked(procs: ProcessPool) -> None:
         srv = procs.server(*args, addr="-a" not in args, wait=False)
         assert srv.wait_exit(TIMEOUTS.startup) == 2
         assert message in srv.output(), srv.output()
+
+
+def test_a_handshake_that_never_upgrades_does_not_keep_the_name(procs: ProcessPool) -> None:
+    """A claim made while judging a handshake is let go when Tornado then refuses it."""
+    app = procs.local_app()
+    _, (a, b, _) = _cluster(procs)
+    squat = [("Backstream-Client", "1"), ("Backstream-Name", "victim")]  # no Upgrade
+    assert request(a, "GET", "/", headers=squat).status == 400
+    owner = procs.client(
+        b, app, "--name", "victim", "--no-inspect", "-H", "Authorization: Bearer owner"
+    )
+    assert owner.connected_count() == 1
+    _settled(a, "victim")
+
+
+def test_streams_over_a_lost_peer_link_fail_at_once(procs: ProcessPool) -> None:
+    app = procs.local_app()
+    _, (a, b, _) = _cluster(procs)
+    procs.client(a, app, "--name", "app", "--no-inspect")
+    _settled(b)
+    conn, resp = stream_request(b, "GET", "/drip?token=held", headers=_to("app"))
+    try:
+        assert resp.status == 200 and resp.readline() == b"first\n"
+        a.kill()  # the holder, mid-response
+        t0 = time.monotonic()
+        with pytest.raises((http.client.IncompleteRead, ConnectionError)):
+            resp.read()  # chunked: a cut stream is an error, never a short body
+        assert time.monotonic() - t0 < 5
+    finally:
+        conn.close()
+    r = _get(b, "/anything/after")
+    assert r.status in (502, 503, 404), r.status

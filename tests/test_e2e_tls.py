@@ -153,11 +153,20 @@ def test_sighup_loads_a_renewed_certificate_and_keeps_a_broken_one_out(
     assert second != first
     r = _https(srv, _ca_file(tmp_path, renewed_ca, "renewed-ca"), "/anything/renewed")
     assert r.status == 200
-    # A broken file: an error line, and the renewed certificate stays in force.
+    # A broken file, then a certificate with another one's key (certbot half done):
+    # an error line each, and the renewed certificate stays in force, still serving.
     Path(cert).write_text("not a certificate")
     srv.signal(signal.SIGHUP)
     srv.wait_for(r"ERROR .*certificate not reloaded, the old one stays in force", 10)
     assert _served_certificate(srv.port) == second
+    third_cert, _ = _issue(tmp_path, trustme.CA(), "third")
+    Path(cert).write_bytes(Path(third_cert).read_bytes())  # key: still the renewed one's
+    mark = srv.mark()
+    srv.signal(signal.SIGHUP)
+    srv.wait_for(r"ERROR .*certificate not reloaded", 10, start=mark)
+    assert _served_certificate(srv.port) == second
+    r = _https(srv, _ca_file(tmp_path, renewed_ca, "renewed-ca"), "/anything/still")
+    assert r.status == 200
 
 
 def test_https_local_app_verified_with_dst_ca_or_insecure(

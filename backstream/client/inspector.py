@@ -4,9 +4,11 @@ Recording sits on the relay's hot path, so it only keeps references: the
 request head the server sent, the response head the app sent, and the first
 ``body_limit`` bytes of each body (``har.Body`` stores a chunk as it is and
 slices only the one that crosses the limit; the rest is counted). Records
-live in a ring (``deque(maxlen=keep)``), and the bodies of finished records
-together stay under ``memory`` bytes (the oldest bodies are let go first, their
-records stay), so memory is bounded whatever the traffic. Nothing is formatted or
+live in a ring (``deque(maxlen=keep)``), and the bodies kept by all of them,
+in flight or finished, stay under ``memory`` bytes: each byte is charged as it
+is kept, and past the budget the oldest bodies are let go first (their records
+stay, and a request still in flight keeps nothing more), so memory is bounded
+whatever the traffic. Nothing is formatted or
 encoded at record time: the functions below build JSON views, HAR documents
 and ``curl`` commands only when the page or the API asks for one, masking
 secrets (``redact``) unless the user asked for unmasked output.
@@ -66,7 +68,6 @@ class Record:
         "response_",
         "duration",
         "error",
-        "counted",
     )
 
     def __init__(
@@ -88,20 +89,24 @@ class Record:
         #: Seconds from the request head to the end of the response; None while in flight.
         self.duration: float | None = None
         self.error: str | None = None
-        #: Its kept body bytes count against the inspector's memory budget.
-        self.counted = False
 
     # The four calls the relay makes, as for a HarEntry.
 
     def request_body(self, data: bytes) -> None:
+        kept = self.request.kept
         self.request.add(data)
+        if self.request.kept != kept:
+            self.inspector.charge(self.request.kept - kept)
 
     def response(self, status: int, reason: str, headers: Headers) -> None:
         self.waited = time.monotonic() - self.started_mono
         self.status, self.reason, self.headers = status, reason, headers
 
     def response_body(self, data: bytes) -> None:
+        kept = self.response_.kept
         self.response_.add(data)
+        if self.response_.kept != kept:
+            self.inspector.charge(self.response_.kept - kept)
 
     def finish(self, error: str | None) -> None:
         self.duration = time.monotonic() - self.started_mono
@@ -117,7 +122,7 @@ class Inspector:
         self.keep = config.inspect_keep
         self.body_limit = config.inspect_body_limit
         self.memory = config.inspect_memory
-        #: Body bytes kept by the finished records in the ring.
+        #: Body bytes kept by the records in the ring.
         self.kept_bytes = 0
         self.unmasked = config.har_unmasked
         self.records: collections.deque[Record] = collections.deque(maxlen=self.keep)
@@ -141,8 +146,9 @@ class Inspector:
 
     def start(self, head: protocol.RequestHead, replay_of: int | None = None) -> Record:
         record = Record(self, next(self._ids), head, replay_of)
-        if len(self.records) == self.keep and self.records[0].counted:
-            self.kept_bytes -= _kept(self.records[0])  # about to leave the ring
+        if len(self.records) == self.keep:  # the oldest is about to leave the ring
+            _let_go(self.records[0])
+            self.kept_bytes -= _kept(self.records[0])
         self.records.append(record)
         if replay_of is None:
             self.in_flight += 1
@@ -161,23 +167,21 @@ class Inspector:
             self.duration_sum += duration
         else:
             self.replays += 1
-        if self.get(record.id) is record:
-            record.counted = True
-            self.kept_bytes += _kept(record)
-            if self.kept_bytes > self.memory:
-                self._let_bodies_go()
         if self.listeners:
             self._push(record)
 
-    def _let_bodies_go(self) -> None:
-        """Drop the oldest finished records' bodies until the rest fits the budget."""
+    def charge(self, size: int) -> None:
+        """``size`` more body bytes kept; past the budget, the oldest bodies go."""
+        self.kept_bytes += size
+        if self.kept_bytes <= self.memory:
+            return
         for old in self.records:
             if self.kept_bytes <= self.memory:
                 return
-            if old.counted and _kept(old):
-                self.kept_bytes -= _kept(old)
-                old.request.drop()
-                old.response_.drop()
+            kept = _kept(old)
+            if kept:
+                self.kept_bytes -= kept
+                _let_go(old)
 
     def get(self, id: int) -> Record | None:
         """The record with ``id`` if it is still in the ring (ids are consecutive there)."""
@@ -208,6 +212,13 @@ class Inspector:
 
 def _kept(record: Record) -> int:
     return record.request.kept + record.response_.kept
+
+
+def _let_go(record: Record) -> None:
+    """Drop what ``record`` kept of its bodies; in flight, it keeps nothing more."""
+    for body in (record.request, record.response_):
+        body.drop()
+        body.limit = 0
 
 
 # -- views (built on demand, never at record time) ------------------------------------

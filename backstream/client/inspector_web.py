@@ -135,7 +135,8 @@ def is_loopback(host: str) -> bool:
 
 
 def allowed_hosts(host: str, port: int) -> frozenset[str] | None:
-    """``Host`` values the inspector answers; None (any) when it listens everywhere."""
+    """``Host`` values the inspector answers; None when it listens everywhere (then
+    only IP addresses and ``localhost``: a DNS name could be rebound to it)."""
     if host in ("", "0.0.0.0", "::"):
         return None
     names = {"127.0.0.1", "localhost", "[::1]", f"[{host}]" if ":" in host else host}
@@ -173,8 +174,24 @@ class _Checks:
 
     def check_host(self) -> None:
         allowed = self.web.allowed_hosts
-        if allowed is not None and self.request.host.lower() not in allowed:
+        host = self.request.host.lower()
+        if allowed is None:
+            if not _names_no_dns(host):
+                raise web.HTTPError(403, reason="Unexpected Host")
+        elif host not in allowed:
             raise web.HTTPError(403, reason="Unexpected Host")
+
+
+def _names_no_dns(host: str) -> bool:
+    """``host`` (``name[:port]``) is an IP address or ``localhost``, never rebindable DNS."""
+    name = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0] or host
+    if name == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 class Handler(_Checks, web.RequestHandler):

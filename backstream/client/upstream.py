@@ -130,7 +130,11 @@ class Exchange:
             masked = redact.current().mask_headers(self.head.headers)
             shown = "; ".join(f"{n}: {v}" for n, v in masked)
             log.debug(
-                "stream=%d %s %s headers: %s", self.id, self.head.method, self.head.target, shown
+                "stream=%d %s %s headers: %s",
+                self.id,
+                self.head.method,
+                self._shown_target(),
+                shown,
             )
         self.http_client = http_client
         timer = self.tunnel.loop.call_later(config.timeout, self._on_timeout)
@@ -170,7 +174,7 @@ class Exchange:
                 protocol.Reset(self.id, failure.reset_code, failure.log_message).encode()
             )
             log.warning(
-                "stream=%d %s %s failed: %s", self.id, self.head.method, self.head.target, error
+                "stream=%d %s %s failed: %s", self.id, self.head.method, self._shown_target(), error
             )
             self.warned = True
             self._done(failure.log_message)
@@ -200,6 +204,10 @@ class Exchange:
                 self.id,
                 " cancelled" if error else "",
             )
+
+    def _shown_target(self) -> str:
+        """The target as log lines show it: credentials in its query masked."""
+        return redact.current().mask_target(self.head.target)
 
     def _prepare_curl(self, curl: Any) -> None:
         if self.cancelled:  # cancelled while queued behind --max-concurrency
@@ -261,7 +269,9 @@ class Exchange:
         """Fail this stream alone with 502: its head cannot be written on HTTP/1.1."""
         if not self.cancelled:
             error = errors.InvalidResponse(f"local app: {problem}")
-            log.warning("stream=%d %s %s: %s", self.id, self.head.method, self.head.target, error)
+            log.warning(
+                "stream=%d %s %s: %s", self.id, self.head.method, self._shown_target(), error
+            )
             self.tunnel.send(protocol.Reset(self.id, error.reset_code, error.log_message).encode())
             self.cancelled = True
             self.warned = True
@@ -393,7 +403,7 @@ class Exchange:
         if self.head_sent or self.cancelled:
             return
         error = errors.UpstreamTimeout(f"no response head within {self.config.timeout:g}s")
-        log.warning("stream=%d %s %s: %s", self.id, self.head.method, self.head.target, error)
+        log.warning("stream=%d %s %s: %s", self.id, self.head.method, self._shown_target(), error)
         self.tunnel.send(protocol.Reset(self.id, error.reset_code, error.log_message).encode())
         self.warned = True
         self.cancel("timeout")

@@ -21,7 +21,7 @@ from tornado import httpclient, iostream
 from tornado.httputil import HTTPHeaders
 from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
 
-from .. import errors, heap, protocol, relay, websocket_writer
+from .. import errors, heap, protocol, redact, relay, websocket_writer
 from ..config import ClientConfig
 
 if TYPE_CHECKING:
@@ -58,6 +58,12 @@ class WebSocketExchange:
         return origin + relay.upstream_target(self.config.dst_base_path, self.head.target)
 
     async def run(self, http_client: Any = None) -> None:
+        try:
+            await self._run()
+        finally:  # however it ended, the stream is over here
+            self.tunnel.forget(self.id)
+
+    async def _run(self) -> None:
         head, config = self.head, self.config
         headers = [(n, v) for n, v in head.headers if n.lower() not in _NOT_FORWARDED]
         host = relay.upstream_host(config.host_header, head.host, config.dst_netloc)
@@ -92,12 +98,11 @@ class WebSocketExchange:
                 return
             error = errors.UpstreamUnreachable(f"local app websocket: {e}")
             self.tunnel.send(protocol.Reset(self.id, error.reset_code, error.log_message).encode())
-            log.warning("stream=%d websocket %s failed: %s", self.id, head.target, e)
-            self.tunnel.forget(self.id)
+            target = redact.current().mask_target(head.target)
+            log.warning("stream=%d websocket %s failed: %s", self.id, target, e)
             return
         if self.cancelled:  # the caller left while the app was accepting
             conn.close()
-            self.tunnel.forget(self.id)
             return
         self.conn = conn
         if conn.protocol is not None:
@@ -108,10 +113,7 @@ class WebSocketExchange:
         self.tunnel.send(
             protocol.ResponseHead(self.id, 101, "Switching Protocols", accepted).encode()
         )
-        try:
-            await self._pump_from_app(conn)
-        finally:
-            self.tunnel.forget(self.id)
+        await self._pump_from_app(conn)
 
     async def _pump_from_app(self, conn: WebSocketClientConnection) -> None:
         while not self.cancelled:

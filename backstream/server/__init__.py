@@ -242,7 +242,9 @@ async def run_server(config: ServerConfig) -> None:
 
     def on_sighup() -> None:
         if tls_context is not None and config.tls is not None:
-            tls.reload(tls_context, *config.tls)
+            renewed = tls.reload(*config.tls)
+            if renewed is not None:  # read by Tornado for each new connection
+                server.ssl_options = renewed
         if gate is not None:
             task = asyncio.ensure_future(gate.reload("SIGHUP"))
             tasks.add(task)
@@ -288,6 +290,7 @@ async def _join_cluster(
     cluster = Cluster(config.redis, instance, advertise, config.name_grace)
     remote = RemoteTunnels(cluster, PeerLinks(instance, config.cluster_secret))
     tunnels.remote = remote
+    cluster.lost = lambda name: tunnels.close_members(name, 4409, "name owned elsewhere now")
     cluster.start()
     log.info("cluster instance=%s advertise=%s", instance, advertise)
     return remote

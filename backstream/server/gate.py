@@ -17,11 +17,15 @@ from tornado.httputil import HTTPServerRequest
 
 from .. import errors, relay
 from ..auth import CLIENT_PACKAGE, SERVER_PACKAGE, Authorizer, build_input
+from ..auth.token import TOKEN_HEADER
 
 if TYPE_CHECKING:
     from .metrics import Metrics
 
 log = logging.getLogger("backstream.auth")
+
+#: The --token header, never part of a policy's input.
+_TOKEN = TOKEN_HEADER.lower()
 
 
 class Gate:
@@ -65,7 +69,8 @@ class Gate:
             request.method or "",
             path,
             urllib.parse.parse_qsl(query, keep_blank_values=True),
-            list(request.headers.get_all()),
+            # The token is checked by the server itself and goes nowhere else (not to OPA).
+            [(n, v) for n, v in request.headers.get_all() if n.lower() != _TOKEN],
             remote,
             request.host,
             peer,

@@ -85,11 +85,19 @@ def refuse_connection(stream: iostream.IOStream, limit: int) -> None:
     answer = _answer(
         "503 Service Unavailable", "Too many connections, retry later", "Retry-After: 1"
     )
-    task = asyncio.ensure_future(
-        answer_and_close(stream, answer, REFUSED_LINGER_BYTES, REFUSED_LINGER_SECONDS)
-    )
+    # One deadline for it all: over TLS the write waits for a handshake the
+    # caller may never finish, and this connection is not counted any more.
+    task = asyncio.ensure_future(_bounded(stream, answer))
     _closing.add(task)
     task.add_done_callback(_closing.discard)
+
+
+async def _bounded(stream: iostream.IOStream, answer: bytes) -> None:
+    drain = answer_and_close(stream, answer, REFUSED_LINGER_BYTES, REFUSED_LINGER_SECONDS)
+    try:
+        await asyncio.wait_for(drain, 2 * REFUSED_LINGER_SECONDS)
+    except TimeoutError:
+        stream.close()
 
 
 class HeadDeadline:

@@ -19,6 +19,8 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import re
+import secrets
 import time
 from typing import Any
 
@@ -36,8 +38,11 @@ log = logging.getLogger("backstream.server")
 #: Handshake header of a peer link: ``INSTANCE TIMESTAMP SIGNATURE``.
 PEER_HEADER = "Backstream-Peer"
 #: How far a peer's clock and the handshake's age may be off, in seconds.
-MAX_SKEW = 300.0
+MAX_SKEW = 30.0
 CONNECT_TIMEOUT = 5.0
+_STAMP = re.compile(r"[0-9a-f]{16}\.[0-9]{1,12}")
+#: Seconds a peer that could not be reached is passed over when another holds the name.
+RETRY_AFTER = 1.0
 #: The tunnel name travels to the holding instance as this header of the request head.
 _ROUTE_HEADER = routing.TUNNEL_HEADER.lower()
 
@@ -48,20 +53,31 @@ def signature(secret: str, instance: str, timestamp: str) -> str:
 
 
 def peer_header(secret: str, instance: str) -> str:
-    timestamp = str(int(time.time()))
-    return f"{instance} {timestamp} {signature(secret, instance, timestamp)}"
+    """``INSTANCE NONCE.TIMESTAMP SIGNATURE``: each handshake's own, valid once."""
+    stamp = f"{secrets.token_hex(8)}.{int(time.time())}"
+    return f"{instance} {stamp} {signature(secret, instance, stamp)}"
+
+
+#: Signatures accepted within the last ``MAX_SKEW`` seconds: a replayed one is refused.
+_seen: dict[str, float] = {}
 
 
 def verify(secret: str, value: str) -> str | None:
-    """The peer instance id if ``value`` is a fresh, valid signature, else None."""
+    """The peer instance id if ``value`` is a fresh, valid signature never seen before."""
     parts = value.split()
-    if len(parts) != 3 or not parts[1].isdigit():
+    if len(parts) != 3 or not _STAMP.fullmatch(parts[1]):
         return None
-    instance, timestamp, given = parts
-    if abs(time.time() - int(timestamp)) > MAX_SKEW:
+    instance, stamp, given = parts
+    now = time.time()
+    if abs(now - int(stamp.partition(".")[2])) > MAX_SKEW:
         return None
-    expected = signature(secret, instance, timestamp)
-    return instance if hmac.compare_digest(given.encode(), expected.encode()) else None
+    expected = signature(secret, instance, stamp)
+    if not hmac.compare_digest(given.encode(), expected.encode()) or given in _seen:
+        return None
+    for old in [s for s, at in _seen.items() if at < now - 2 * MAX_SKEW]:
+        del _seen[old]
+    _seen[given] = now
+    return instance
 
 
 # -- the arriving side ------------------------------------------------------------
@@ -77,6 +93,21 @@ class PeerLink(Tunnel):
 
     def connection(self) -> Any:
         return self.conn.protocol
+
+    def _route(self, frame: protocol.Frame) -> None:
+        """A frame the holder relayed from its client; a bad one fails its stream only.
+
+        The holder checks its client's order and credit, but not everything a
+        ``ServerStream`` does (a WebSocket message's text flag, say): one
+        client's mistake must not close the link every other stream shares.
+        """
+        try:
+            super()._route(frame)
+        except errors.ProtocolError as e:
+            stream = self.streams.get(frame.stream_id)
+            if stream is None:
+                raise
+            stream.reset(errors.InvalidResponse(f"from the tunnel client, via {self.url}: {e}"))
 
 
 class PeerRoute:
@@ -125,18 +156,34 @@ class PeerLinks:
         self._links: dict[str, PeerLink] = {}
         self._opening: dict[str, asyncio.Future[PeerLink]] = {}
         self._turn = 0
+        #: URL -> until when it is passed over (it could not be reached).
+        self._failed: dict[str, float] = {}
 
     def open_links(self) -> list[PeerLink]:
         return [link for link in self._links.values() if link.open]
 
     async def route(self, name: str, urls: list[str]) -> PeerRoute:
-        """A route to ``name`` through one of the instances at ``urls``, in turn."""
+        """A route to ``name`` through one of the instances at ``urls``, in turn.
+
+        One that cannot be reached is passed over for ``RETRY_AFTER`` seconds
+        while another holds the name; with none left, 502.
+        """
         self._turn += 1
-        url = urls[self._turn % len(urls)]
-        link = self._links.get(url)
-        if link is None or not link.open:
-            link = await self._link(url)
-        return PeerRoute(link, name)
+        now = time.monotonic()
+        ordered = urls[self._turn % len(urls) :] + urls[: self._turn % len(urls)]
+        reachable = [u for u in ordered if self._failed.get(u, 0.0) <= now] or ordered
+        error: errors.StreamError | None = None
+        for url in reachable:
+            link = self._links.get(url)
+            if link is not None and link.open:
+                return PeerRoute(link, name)
+            try:
+                return PeerRoute(await self._link(url), name)
+            except errors.ClientLost as e:
+                self._failed[url] = time.monotonic() + RETRY_AFTER
+                error = e
+        assert error is not None
+        raise error
 
     async def _link(self, url: str) -> PeerLink:
         opening = self._opening.get(url)
@@ -224,6 +271,7 @@ class Splice:
         "client_credit",
         "peer_credit",
         "responded",
+        "messages",
         "response_ended",
         "request_ended",
         "closed",
@@ -244,6 +292,8 @@ class Splice:
         #: What the peer may still send, as the client granted it.
         self.peer_credit = protocol.INITIAL_WINDOW
         self.responded = self.response_ended = self.closed = False
+        #: A WebSocket's messages as the client frames them (checked here, see on_data).
+        self.messages = protocol.MessageTracker(limit=1 << 62) if head.upgrade else None
         self.request_ended = head.body_length == 0 and not head.upgrade
 
     # -- frames from the client, routed by its tunnel ------------------------------
@@ -262,6 +312,8 @@ class Splice:
             raise errors.ProtocolError(f"DATA out of order on stream {self.id}")
         if len(frame.data) > self.client_credit:
             raise errors.ProtocolError(f"DATA beyond the window on stream {self.id}")
+        if self.messages is not None and not frame.end_stream:
+            self.messages.feed(frame)  # a text flag changing within a message: this tunnel closes
         self.client_credit -= len(frame.data)
         self.response_ended = frame.end_stream
         frame.stream_id = self.peer_id

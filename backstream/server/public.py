@@ -8,6 +8,7 @@ the stream's credit, and the response flows back the same way.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -30,6 +31,8 @@ access_log = logging.getLogger("backstream.access")
 
 #: Body bytes read and dropped from a refused request before answering (see ``refuse``).
 LINGER_BYTES = 8 * 1024 * 1024
+#: ... and for at most this many seconds in all, however slowly it trickles in.
+LINGER_SECONDS = 10.0
 
 
 class _AnyMethod:
@@ -169,6 +172,13 @@ class PublicHandler(RequestHandler):
         self.error = error
         self._write_error(error)
         await self.flush()
+        # The answer is out: draining is a courtesy with a total deadline, so that
+        # a body dripping a byte at a time cannot hold the connection for ever.
+        asyncio.get_running_loop().call_later(LINGER_SECONDS, self._end_drain)
+
+    def _end_drain(self) -> None:
+        if not self._finished:
+            self._close_connection()
 
     async def data_received(self, chunk: bytes) -> None:
         stream = self.stream

@@ -296,10 +296,24 @@ class Tunnels:
     def taken(self, name: str) -> bool:
         return name in self._pools
 
+    def close_members(self, name: str, code: int, reason: str) -> None:
+        """Disconnect every client of ``name`` here (the cluster gave it to another owner)."""
+        pool = self._pools.get(name)
+        for member in list(pool.members) if pool is not None else []:
+            member.handler.close(code, reason)
+
     def held(self, name: str) -> bool:
         """Whether a client of ``name`` is connected here."""
         pool = self._pools.get(name)
         return pool is not None and bool(pool.members)
+
+    def abandon_remotely(self, name: str, credential: bytes) -> None:
+        """A claim whose client never connected here: withdraw it from the cluster."""
+        if self.remote is None or self.held(name):
+            return
+        task = asyncio.ensure_future(self.remote.cluster.abandon(name, credential))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
 
     def release_remotely(self, name: str) -> None:
         """No client of ``name`` is left here: tell the cluster (its reservation starts)."""
@@ -373,6 +387,8 @@ class TunnelHandler(WebSocketHandler):
     tunnel: Tunnel | None = None
     credential = b""
     name = ""
+    #: This handshake claimed its name in the cluster (``--redis``).
+    claimed = False
     #: Why this tunnel went away, when this side knows better than the close code.
     gone: str | None = None
 
@@ -457,6 +473,7 @@ class TunnelHandler(WebSocketHandler):
             return False
         try:
             if await remote.cluster.claim(self.name, self.credential):
+                self.claimed = True  # released again if the upgrade does not happen
                 return False
         except errors.StreamError as e:
             log.warning("refused tunnel client remote=%s status=503: %s", self.request.remote_ip, e)
@@ -496,7 +513,8 @@ class TunnelHandler(WebSocketHandler):
             if self.metrics is not None:
                 self.metrics.refused(_REGISTRY_REFUSALS.get(refusal[0], "name_in_use"))
             self.close(4000 + refusal[0], refusal[1][:120])
-            self.tunnels.release_remotely(self.name)
+            if self.claimed:
+                self.tunnels.abandon_remotely(self.name, self.credential)
             return
         self.set_nodelay(True)
         self.tunnel = Tunnel(self, self.request.remote_ip or "", self.name, self.credential)
@@ -526,9 +544,17 @@ class TunnelHandler(WebSocketHandler):
             tunnel.closed(f"protocol error: {e}")
             self.close(1002, "protocol error")
 
+    def on_finish(self) -> None:
+        # Tornado's get() may still refuse the upgrade (400, 426) after the claim.
+        if self.claimed and self.get_status() != 101:
+            self.claimed = False
+            self.tunnels.abandon_remotely(self.name, self.credential)
+
     def on_close(self) -> None:
         tunnel = self.tunnel
-        if tunnel is None:
+        if tunnel is None:  # gone before open(): nothing holds the name here
+            if self.claimed:
+                self.tunnels.abandon_remotely(self.name, self.credential)
             return
         self.tunnels.remove(tunnel)
         self.tunnels.release_remotely(tunnel.name)

@@ -10,6 +10,8 @@ for another reason, at most once a second.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import logging
 import os
@@ -17,11 +19,15 @@ import signal
 import socket
 import sys
 import time
+import traceback
 from collections.abc import Callable
 
 from ..config import ServerConfig
 
 log = logging.getLogger("backstream.server")
+
+#: Workers dying this many times within 30 s stop the whole server.
+MAX_QUICK_DEATHS = 5
 
 
 def reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
@@ -37,6 +43,17 @@ def reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
     return sock, sock.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """A worker whose supervisor was killed (SIGKILL) ends too, and frees the port."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def supervise(config: ServerConfig, run: Callable[[ServerConfig], None]) -> int:
     """Fork ``config.workers`` processes that each ``run`` the server; the exit code.
 
@@ -47,18 +64,24 @@ def supervise(config: ServerConfig, run: Callable[[ServerConfig], None]) -> int:
     children: dict[int, int] = {}  # pid -> worker index
     stopping = False
     exit_code = 0
+    deaths: collections.deque[float] = collections.deque(maxlen=MAX_QUICK_DEATHS)
 
     def start(index: int) -> None:
         pid = os.fork()
         if pid == 0:  # the worker
+            _die_with_parent()
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the server handles it
             reserved.close()
             code = 0
             try:
                 run(dataclasses.replace(config, workers=1, worker=index))
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else 1
+            except BaseException:  # a crash is a crash: said, and not exit code 0
+                traceback.print_exc()
+                code = 1
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
@@ -74,8 +97,14 @@ def supervise(config: ServerConfig, run: Callable[[ServerConfig], None]) -> int:
             except ProcessLookupError:
                 pass
 
+    def reload(signum: int, frame: object) -> None:
+        for pid in children:  # each worker reloads its policies and certificate
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, reload)
     for index in range(config.workers):
         start(index)
     log.info("workers started count=%d port=%d", config.workers, port)
@@ -91,8 +120,11 @@ def supervise(config: ServerConfig, run: Callable[[ServerConfig], None]) -> int:
             continue
         index = children.pop(pid)
         code = os.waitstatus_to_exitcode(status)
-        if code == 2:
-            exit_code = 2
+        deaths.append(time.monotonic())
+        if code == 2 or len(deaths) >= MAX_QUICK_DEATHS and deaths[-1] - deaths[0] < 30:
+            # a configuration error, or one that will not go away: stop them all
+            log.error("worker %d exited (code %d); stopping", index, code)
+            exit_code = code or 1
             stop(signal.SIGTERM, None)
             continue
         log.error("worker %d exited (code %d); starting it again", index, code)
