@@ -13,6 +13,8 @@ Module scope (shared by read-only tests of one module, for speed):
 
 ``tunnel``      a ``Tunnel(server, client, app)`` with default flags.
 
+``raw_origin`` (function scope) is a ``RawOrigin`` that records the exact bytes it receives.
+
 On failure, the output of every process of the test is appended to the report.
 """
 
@@ -29,6 +31,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import Client, LocalApp, ProcessPool, Server  # noqa: E402
+from raw_origin import RawOrigin  # noqa: E402
 
 
 @dataclass
@@ -98,3 +101,22 @@ def closed_port() -> Iterator[int]:
         yield s.getsockname()[1]
     finally:
         s.close()
+
+
+@pytest.fixture
+def raw_origin() -> Iterator[RawOrigin]:
+    """A fresh raw origin for one test (closed, threads joined, at teardown)."""
+    origin = RawOrigin()
+    try:
+        yield origin
+    finally:
+        origin.close()
+
+
+@dataclass
+class OriginTunnel:
+    """A server and client relaying to one raw origin (module fixtures of the attack tests)."""
+
+    server: Server
+    client: Client
+    origin: RawOrigin

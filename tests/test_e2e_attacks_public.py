@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import OriginTunnel
 from harness import (
     TIMEOUTS,
-    Client,
     LocalApp,
     ProcessPool,
     Server,
@@ -50,23 +50,6 @@ MIB = 1024 * 1024
 
 
 # -- fixtures ----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def raw_origin() -> Iterator[RawOrigin]:
-    """A fresh raw origin for one test (closed, threads joined, at teardown)."""
-    origin = RawOrigin()
-    try:
-        yield origin
-    finally:
-        origin.close()
-
-
-@dataclass
-class OriginTunnel:
-    server: Server
-    client: Client
-    origin: RawOrigin
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
+from conftest import OriginTunnel
 from harness import (
     TIMEOUTS,
-    Client,
     LocalApp,
     ProcessPool,
     Server,
@@ -89,22 +89,6 @@ def read_until_eof(sock: socket.socket, deadline: float) -> tuple[bytes, float]:
 
 def connect(srv: Server) -> socket.socket:
     return socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUTS.request)
-
-
-@pytest.fixture
-def raw_origin() -> Iterator[RawOrigin]:
-    origin = RawOrigin()
-    try:
-        yield origin
-    finally:
-        origin.close()
-
-
-@dataclass
-class OriginTunnel:
-    server: Server
-    client: Client
-    origin: RawOrigin
 
 
 @pytest.fixture(scope="module")
