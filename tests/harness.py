@@ -641,6 +641,38 @@ def parse_raw_response(data: bytes) -> tuple[int, str, list[tuple[str, str]], by
     return int(code), (reason[0] if reason else ""), headers, rest
 
 
+@dataclass
+class RawResponse:
+    """The first response of a raw conversation, and what came after its body."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    after: bytes  # bytes after the first response's body
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
+
+
+def first_response(data: bytes) -> RawResponse:
+    """The first response in ``data`` (body cut at its Content-Length, if any)."""
+    assert data, "no response at all (connection closed or reset without an answer)"
+    status, _, headers, rest = parse_raw_response(data)
+    length = next((v for k, v in headers if k.lower() == "content-length"), None)
+    if length is not None and length.isdigit():
+        return RawResponse(status, headers, rest[: int(length)], rest[int(length) :])
+    return RawResponse(status, headers, rest, b"")
+
+
+def assert_short_text(r: RawResponse, status: int, says: str = "") -> None:
+    """``r`` is ``status`` with a short plain-text body (saying ``says``), no traceback."""
+    assert r.status == status, (r.status, r.headers, r.body[:300])
+    assert (r.header("Content-Type") or "").startswith("text/plain"), r.headers
+    assert 0 < len(r.body) < 300, r.body
+    assert b"Traceback" not in r.body, r.body
+    assert says.lower() in r.body.decode().lower(), r.body
+
+
 def wait_until(
     predicate: Callable[[], Any], timeout: float | None = None, interval: float = 0.05
 ) -> Any:

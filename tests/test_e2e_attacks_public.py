@@ -18,7 +18,6 @@ import socket
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,8 @@ from harness import (
     LocalApp,
     ProcessPool,
     Server,
-    parse_raw_response,
+    assert_short_text,
+    first_response,
     raw_request,
     request,
 )
@@ -140,34 +140,6 @@ def converse(
                         sending = False
                         sel.modify(sock, selectors.EVENT_READ)
     return bytes(out)
-
-
-@dataclass
-class RawResponse:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-    after: bytes  # bytes after the first response's body
-
-    def header(self, name: str) -> str | None:
-        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
-
-
-def first_response(data: bytes) -> RawResponse:
-    """The first response in ``data`` (body cut at its Content-Length, if any)."""
-    assert data, "no response at all (connection closed or reset without an answer)"
-    status, _, headers, rest = parse_raw_response(data)
-    length = next((v for k, v in headers if k.lower() == "content-length"), None)
-    if length is not None and length.isdigit():
-        return RawResponse(status, headers, rest[: int(length)], rest[int(length) :])
-    return RawResponse(status, headers, rest, b"")
-
-
-def assert_short_text(r: RawResponse, status: int) -> None:
-    assert r.status == status, (r.status, r.headers, r.body[:300])
-    assert (r.header("Content-Type") or "").startswith("text/plain"), r.headers
-    assert 0 < len(r.body) < 300, r.body
-    assert b"Traceback" not in r.body, r.body
 
 
 def app_headers(j: dict[str, Any], name: str) -> list[str]:

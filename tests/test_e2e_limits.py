@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import pytest
 from conftest import OriginTunnel
@@ -28,7 +27,8 @@ from harness import (
     LocalApp,
     ProcessPool,
     Server,
-    parse_raw_response,
+    assert_short_text,
+    first_response,
     raw_request,
     request,
     run_cli,
@@ -46,31 +46,6 @@ SLACK = 2.5
 
 
 # -- helpers -----------------------------------------------------------------------------
-
-
-@dataclass
-class RawResponse:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-
-    def header(self, name: str) -> str | None:
-        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
-
-
-def parse(data: bytes) -> RawResponse:
-    """The first response in ``data`` (its body cut at its Content-Length)."""
-    assert data, "no response at all (closed or reset without an answer)"
-    status, _, headers, rest = parse_raw_response(data)
-    length = next((v for k, v in headers if k.lower() == "content-length"), None)
-    return RawResponse(status, headers, rest[: int(length)] if length is not None else rest)
-
-
-def assert_short_text(r: RawResponse, status: int, says: str = "") -> None:
-    assert r.status == status, (r.status, r.headers, r.body[:300])
-    assert (r.header("Content-Type") or "").startswith("text/plain"), r.headers
-    assert 0 < len(r.body) < 300, r.body
-    assert says.lower() in r.body.decode().lower(), r.body
 
 
 def read_until_eof(sock: socket.socket, deadline: float) -> tuple[bytes, float]:
@@ -134,7 +109,7 @@ def test_long_target_gets_414_before_the_origin(
     procs.client(srv, raw_origin.url)
     long_target = b"/long?" + b"q" * 1100
     data = b"GET " + long_target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    r = parse(raw_request(srv, data))
+    r = first_response(raw_request(srv, data))
     assert_short_text(r, 414, "target longer than 1024 bytes")
     assert r.header("Connection") == "close", r.headers
     assert raw_origin.total_bytes() == 0, raw_origin.raw()
@@ -155,7 +130,7 @@ def test_default_max_target_is_8k(procs: ProcessPool, raw_origin: RawOrigin) -> 
     at_limit = "/d?" + "q" * (8192 - 3)
     assert request(srv, "GET", at_limit).status == 200
     over = (at_limit + "q").encode()
-    r = parse(
+    r = first_response(
         raw_request(srv, b"GET " + over + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     )
     assert_short_text(r, 414)
@@ -191,7 +166,7 @@ def test_slowloris_head_gets_408_within_the_header_timeout(
             break
         rest, eof_at = read_until_eof(sock, time.monotonic() + 5)
         received += rest
-    r = parse(received)
+    r = first_response(received)
     assert_short_text(r, 408, "head timed out")
     assert r.header("Connection") == "close", r.headers
     assert eof_at - started < 1 + SLACK + 2.5, eof_at - started  # + the lingering close
@@ -236,13 +211,13 @@ def test_idle_timeout_from_the_environment(procs: ProcessPool, local_app: LocalA
         sock.sendall(b"GET /anything HTTP/1.1\r\nHost: x\r\n\r\n")
         started = time.monotonic()
         data, eof_at = read_until_eof(sock, started + 10)
-    assert parse(data).status == 200
+    assert first_response(data).status == 200
     assert eof_at - started < 1 + SLACK, eof_at - started
     with connect(srv) as sock:
         started = time.monotonic()
         sock.sendall(b"GET /anything HTTP/1.1\r\n")
         data, eof_at = read_until_eof(sock, started + 10)
-    assert_short_text(parse(data), 408)
+    assert_short_text(first_response(data), 408)
 
 
 # -- 408: request bodies -------------------------------------------------------------------
@@ -263,7 +238,7 @@ def test_stalled_body_gets_408_and_the_upload_is_reset(
         local_app.wait_for(r'upload-data "/upload\?notify=1"', TIMEOUTS.request)
         started = time.monotonic()
         data, eof_at = read_until_eof(sock, started + 10)
-    r = parse(data)
+    r = first_response(data)
     assert_short_text(r, 408, "body timed out")
     assert r.header("Connection") == "close", r.headers
     assert eof_at - started < 1 + SLACK, eof_at - started
@@ -381,7 +356,7 @@ def test_connections_beyond_the_limit_get_503(procs: ProcessPool, local_app: Loc
         for i, conn in enumerate(held):
             assert request(srv, "GET", f"/anything?held={i}", conn=conn).status == 200
         data = raw_request(srv, b"GET /sixth HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        r = parse(data)
+        r = first_response(data)
         assert_short_text(r, 503, "too many connections")
         assert r.header("Retry-After") == "1", r.headers
         assert r.header("Connection") == "close", r.headers
@@ -394,7 +369,7 @@ def test_connections_beyond_the_limit_get_503(procs: ProcessPool, local_app: Loc
 
         def served() -> bool:
             data = raw_request(srv, b"GET /later HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            return parse(data).status == 200
+            return first_response(data).status == 200
 
         wait_until(served, timeout=10, interval=0.1)
     finally:
@@ -487,7 +462,7 @@ def test_malformed_head_gets_400_and_nothing_reaches_the_origin(
     marker = f"/malformed-{request_id}".encode()
     before = t.origin.total_bytes()
     head = b"GET " + marker + b" HTTP/1.1\r\nHost: x\r\n" + TUNNEL + line
-    r = parse(raw_request(t.server, head + b"Connection: close\r\n\r\n"))
+    r = first_response(raw_request(t.server, head + b"Connection: close\r\n\r\n"))
     assert_short_text(r, 400)
     sentinel(t, request_id)
     assert not any(marker in conn for conn in t.origin.raw()), t.origin.raw()
@@ -512,7 +487,7 @@ def test_bare_lf_line_endings_get_400(
     """Lines ending in a bare LF (RFC 9112 2.2): 400, nothing relayed."""
     t = origin_tunnel
     target = head.split(b" ")[1]
-    r = parse(raw_request(t.server, head))
+    r = first_response(raw_request(t.server, head))
     assert_short_text(r, 400, "LF without CR")
     sentinel(t, request_id)
     assert not any(target in conn for conn in t.origin.raw()), t.origin.raw()
