@@ -22,7 +22,14 @@ def test_the_member_with_fewest_streams_in_flight_wins_ties_in_turn() -> None:
     pool.members = [busy, idle_a, idle_b]
     picks = [pool.pick() for _ in range(6)]
     assert busy not in picks
-    assert {id(p) for p in picks} == {id(idle_a), id(idle_b)}
+    # tied members take strict turns, whatever their places beside the busy one
+    assert [picks.count(idle_a), picks.count(idle_b)] == [3, 3]
+    assert picks[0] is not picks[1] and picks[1] is not picks[2]
+    for counts in ([4, 3, 3], [0, 0, 1], [1, 0, 0, 0]):
+        pool.members = members = [member(n) for n in counts]
+        tied = [m for m in members if len(m.streams) == min(counts)]
+        picks = [pool.pick() for _ in range(6 * len(tied))]
+        assert [picks.count(m) for m in tied] == [6] * len(tied), counts
 
 
 def test_closed_or_congested_members_get_nothing_new() -> None:

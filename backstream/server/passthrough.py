@@ -60,6 +60,7 @@ class PassthroughHandler(WebSocketHandler):
         self.gate = gate
         self.trusted = trusted
         self.domain = domain
+        self.tunnel_name = "-"
 
     @property
     def max_message_size(self) -> int:
@@ -84,6 +85,7 @@ class PassthroughHandler(WebSocketHandler):
             return
         try:
             target, name = destination(request, self.domain)
+            self.tunnel_name = name or "-"
             tunnel = await admit(
                 request, target, name, self.tunnels, self.gate, self.no_client_code
             )
@@ -135,7 +137,11 @@ class PassthroughHandler(WebSocketHandler):
         """Refuse the upgrade with the error's status; its reason is the body."""
         status = error.status
         access_log.info(
-            "WEBSOCKET %s status=%d error=%r", self.request.path, status, error.log_message
+            "WEBSOCKET %s status=%d error=%r tunnel=%s",
+            self.request.path,
+            status,
+            error.log_message,
+            self.tunnel_name,
         )
         self.set_status(status, type(error).reason if status == type(error).status else None)
         self.set_header("Content-Type", "text/plain; charset=utf-8")
@@ -148,7 +154,12 @@ class PassthroughHandler(WebSocketHandler):
         self.set_nodelay(True)
         stream = self.stream
         assert stream is not None and self.ws_connection is not None
-        access_log.info("WEBSOCKET %s stream=%d status=101 open", self.request.path, stream.id)
+        access_log.info(
+            "WEBSOCKET %s stream=%d status=101 open tunnel=%s",
+            self.request.path,
+            stream.id,
+            self.tunnel_name,
+        )
         self.sent_close = websocket_writer.record_sent_close(self.ws_connection)
         self._linger_after_too_big(self.ws_connection)
         self.pump = asyncio.ensure_future(self._pump_from_app(stream))
@@ -239,5 +250,9 @@ class PassthroughHandler(WebSocketHandler):
         stream.fail(errors.Cancelled("public websocket closed"))  # wakes the pump
         stream.close()
         access_log.info(
-            "WEBSOCKET %s stream=%d closed code=%s", self.request.path, stream.id, self.close_code
+            "WEBSOCKET %s stream=%d closed code=%s tunnel=%s",
+            self.request.path,
+            stream.id,
+            self.close_code,
+            self.tunnel_name,
         )

@@ -235,14 +235,19 @@ class Pool:
             return only if usable else None
         if not members:
             return None
-        self._turn = turn = (self._turn + 1) % len(members)
+        count = len(members)
+        turn = self._turn % count
         best: Tunnel | None = None
-        for i in range(len(members)):
-            member = members[(turn + i) % len(members)]
+        best_at = 0
+        for i in range(count):
+            at = (turn + i) % count
+            member = members[at]
             if not member.open or member.unsent > MAX_UNSENT or len(member.streams) >= limit:
                 continue
             if best is None or len(member.streams) < len(best.streams):
-                best = member
+                best, best_at = member, at
+        # the next scan starts after the one chosen, so tied members take turns
+        self._turn = best_at + 1
         return best
 
 
