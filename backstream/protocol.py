@@ -17,7 +17,8 @@ Frame types (``S->C``: server to client):
   messages: one message is one or more DATA frames, all but its last with
   ``FLAG_MORE``, each with ``FLAG_TEXT`` for text, so a message of any size
   crosses under the stream's window. ``FLAG_END`` closes the WebSocket
-  (payload: the close code, u16, and reason, if the closing side gave one).
+  (payload: the close code, u16, and reason, if the closing side gave one;
+  empty for a close without a code).
 * ``WINDOW``   both  grants the peer more credit for DATA on a stream (u32).
 * ``RESET``    both  aborts one stream (u16 error code, UTF-8 message); the
   tunnel and every other stream carry on.
@@ -52,6 +53,8 @@ from .errors import ProtocolError
 PROTOCOL_VERSION = 1
 #: Request header that marks the tunnel handshake; its value is the version.
 CLIENT_HEADER = "Backstream-Client"
+#: Request header that marks a peer link's handshake (``--redis``, ``server/peers.py``).
+PEER_HEADER = "Backstream-Peer"
 
 #: Credit each side starts with for each stream and direction, in bytes.
 INITIAL_WINDOW = 2 * 1024 * 1024

@@ -21,7 +21,9 @@ byte (less if that byte came between two checks), never more.
 ``IdleTimer`` is the request body's: it fires when no body byte came for
 ``body`` seconds, not counting the time the server itself waits (for flow-control
 credit from the tunnel). Connections beyond ``max_connections`` get a short
-``503`` with ``Retry-After: 1`` before any byte of theirs is parsed.
+``503`` with ``Retry-After: 1`` before any byte of theirs is parsed. A head that
+outgrows Tornado's ``max_header_size`` gets ``431``, where Tornado would close
+the connection unanswered.
 """
 
 from __future__ import annotations
@@ -191,6 +193,37 @@ class PublicConnection(HTTP1ServerConnection):
     ) -> None:
         super().__init__(stream, params, context)
         self.limits = limits
+        #: The request whose head is being read, and its timer.
+        self.reading: ScreenedConnection | None = None
+        self.deadline: HeadDeadline | None = None
+        self._close_fd = stream.close_fd
+        stream.close_fd = self._close_fd_or_answer  # type: ignore[method-assign]
+
+    def _close_fd_or_answer(self) -> None:
+        """Tornado closes a connection whose head outgrew ``max_header_size`` at once,
+        unanswered (``UnsatisfiableReadError``): keep its socket for a 431 instead, then
+        close after a bounded lingering read (``answer_and_close``)."""
+        stream, conn, deadline = self.stream, self.reading, self.deadline
+        sock = stream.socket
+        if (
+            sock is None
+            or conn is None
+            or conn.head_read  # a chunk-size line of the body, say
+            or (deadline is not None and deadline.expired)  # answered 408 already
+            or not isinstance(stream.error, iostream.UnsatisfiableReadError)
+        ):
+            self._close_fd()
+            return
+        stream.socket = None  # type: ignore[assignment]  # closed for Tornado, kept here
+        size = self.params.max_header_size
+        reason = f"request head larger than {size} bytes"
+        access_log.info("- - stream=- status=431 error=%r", reason)
+        tls = isinstance(stream, iostream.SSLIOStream)  # its handshake is done: a no-op
+        kept = iostream.SSLIOStream(sock) if tls else iostream.IOStream(sock)
+        answer = _answer("431 Request Header Fields Too Large", reason)
+        task = asyncio.ensure_future(answer_and_close(kept, answer))
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
 
     async def _server_request_loop(self, delegate: httputil.HTTPServerConnectionDelegate) -> None:
         header, idle = self.limits.header, self.limits.idle
@@ -203,6 +236,7 @@ class PublicConnection(HTTP1ServerConnection):
                     deadline = HeadDeadline(self.stream, header, idle, first)
                     conn.on_head = deadline.head_complete
                 first = False
+                self.reading, self.deadline = conn, deadline
                 request_delegate = delegate.start_request(self, conn)
                 try:
                     ret = await conn.read_response(request_delegate)
@@ -217,6 +251,7 @@ class PublicConnection(HTTP1ServerConnection):
                     conn.close()
                     return
                 finally:
+                    self.reading = self.deadline = None
                     if deadline is not None:
                         deadline.head_complete()  # the request ended before its head, maybe
                 if not ret:

@@ -438,6 +438,11 @@ def _no_access_log(handler: RequestHandler) -> None:
     """A scrape or a probe every few seconds is not worth a log line."""
 
 
+#: Largest request body the metrics port reads (it serves GET only): a bigger one is
+#: refused before it is buffered, where Tornado's default would hold 100 MB.
+MAX_BODY = 64 * 1024
+
+
 def start(host: str, port: int, metrics: Metrics) -> Server:
     """Serve ``metrics`` on ``host:port`` (0 picks a free port); OSError if it cannot."""
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # no ``_created`` twins
@@ -447,7 +452,7 @@ def start(host: str, port: int, metrics: Metrics) -> Server:
         raise OSError(
             e.errno, f"cannot listen on {host}:{port} for metrics: {e.strerror}"
         ) from None
-    server = Server(make_app(metrics))
+    server = Server(make_app(metrics), max_body_size=MAX_BODY)
     server.add_sockets(sockets)
     for sock in sockets:
         bound, port = sock.getsockname()[:2]

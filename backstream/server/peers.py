@@ -36,7 +36,7 @@ from .tunnel import Tunnel, Tunnels
 log = logging.getLogger("backstream.server")
 
 #: Handshake header of a peer link: ``INSTANCE TIMESTAMP SIGNATURE``.
-PEER_HEADER = "Backstream-Peer"
+PEER_HEADER = protocol.PEER_HEADER
 #: How far a peer's clock and the handshake's age may be off, in seconds.
 MAX_SKEW = 30.0
 CONNECT_TIMEOUT = 5.0

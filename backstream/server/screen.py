@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 
 access_log = logging.getLogger("backstream.access")
 
-#: Tornado reads a header block up to this size; past it the connection is cut
-#: unanswered (reading more to answer would be what the attack wants).
+#: Tornado reads a header block up to this size; past it, it gives up reading the
+#: head and ``limits.PublicConnection`` answers 431 (then a bounded lingering read).
 HARD_HEADER_LIMIT = 256 * 1024
 #: After a refusal, what the caller still sends is read and dropped, up to this much...
 LINGER_BYTES = 1024 * 1024
@@ -42,6 +42,28 @@ LINGER_SECONDS = 2.0
 LOGGED_PATH = 200
 
 _closing: set[asyncio.Task[None]] = set()
+
+
+def is_tunnel_client(headers: httputil.HTTPHeaders) -> bool:
+    return protocol.CLIENT_HEADER in headers
+
+
+def is_peer_link(headers: httputil.HTTPHeaders) -> bool:
+    return protocol.PEER_HEADER in headers
+
+
+def is_websocket_upgrade(headers: httputil.HTTPHeaders) -> bool:
+    return headers.get("Upgrade", "").lower() == "websocket"
+
+
+def is_handshake(headers: httputil.HTTPHeaders, peers: bool) -> bool:
+    """Whether the request is routed to a WebSocket handler (``make_app``'s rules), which
+    Tornado feeds a body whole before ``prepare()``. ``peers``: ``--redis`` (peer links)."""
+    return (
+        is_tunnel_client(headers)
+        or (peers and is_peer_link(headers))
+        or is_websocket_upgrade(headers)
+    )
 
 
 class ScreenedConnection(HTTP1Connection):
@@ -56,8 +78,11 @@ class ScreenedConnection(HTTP1Connection):
     problem: str | None = None
     #: Called once the head is complete; True means it came too late (answered already).
     on_head: Callable[[], bool] | None = None
+    #: The whole head was read (a failed read after it is not the head's).
+    head_read = False
 
     def _parse_headers(self, data: bytes) -> tuple[str, httputil.HTTPHeaders]:
+        self.head_read = True
         on_head = self.on_head
         if on_head is not None:
             self.on_head = None
@@ -76,7 +101,7 @@ class ScreenedConnection(HTTP1Connection):
 class HeadScreen(httputil.HTTPMessageDelegate):
     """Passes acceptable requests on to ``inner``; answers the others itself."""
 
-    __slots__ = ("inner", "connection", "refused", "metrics", "max_target")
+    __slots__ = ("inner", "connection", "refused", "metrics", "max_target", "peers")
 
     def __init__(
         self,
@@ -84,6 +109,7 @@ class HeadScreen(httputil.HTTPMessageDelegate):
         connection: httputil.HTTPConnection,
         metrics: Metrics | None = None,
         max_target: int = relay.MAX_TARGET,
+        peers: bool = False,
     ) -> None:
         self.inner = inner
         self.connection = connection
@@ -91,6 +117,8 @@ class HeadScreen(httputil.HTTPMessageDelegate):
         self.metrics = metrics
         #: Longest request target, else 414 (``--max-target``; 0: no limit).
         self.max_target = max_target
+        #: Peer links are served (``--redis``): their handshakes take no body either.
+        self.peers = peers
 
     def headers_received(
         self,
@@ -98,9 +126,7 @@ class HeadScreen(httputil.HTTPMessageDelegate):
         headers: httputil.HTTPHeaders,
     ) -> Awaitable[None] | None:
         assert isinstance(start_line, httputil.RequestStartLine)
-        handshake = (
-            protocol.CLIENT_HEADER in headers or headers.get("Upgrade", "").lower() == "websocket"
-        )
+        handshake = is_handshake(headers, self.peers)
         raw = self.connection.problem if isinstance(self.connection, ScreenedConnection) else None
         if raw is not None:
             problem: tuple[int, str] | None = (400, f"bad request: {raw}")
