@@ -23,7 +23,7 @@ from .config import ClientConfig, ServerConfig, parse_addr, server_ws_url, split
 from .errors import ConfigError
 from .logs import LEVELS, setup_logging
 from .protocol import DEFAULT_WEBSOCKET_MESSAGE
-from .relay import parse_header_line, parse_networks
+from .relay import FORWARDED_HEADERS, parse_header_line, parse_networks
 
 
 class _Parser(configargparse.ArgumentParser):  # type: ignore[misc]
@@ -105,7 +105,9 @@ def _add_logging(parser: Any, defaults: bool) -> None:
         default=default([]),
         metavar="NAME",
         help="another header whose values are masked in logs and HAR files, repeatable "
-        "(env BACKSTREAM_MASK_HEADER: comma separated)",
+        "(env BACKSTREAM_MASK_HEADER: comma separated; always masked: "
+        + ", ".join(redact.DEFAULT_HEADERS)
+        + ")",
     )
     group.add_argument(
         "--mask-query",
@@ -113,7 +115,9 @@ def _add_logging(parser: Any, defaults: bool) -> None:
         default=default([]),
         metavar="NAME",
         help="another query parameter whose values are masked, repeatable "
-        "(env BACKSTREAM_MASK_QUERY: comma separated)",
+        "(env BACKSTREAM_MASK_QUERY: comma separated; always masked: "
+        + ", ".join(redact.DEFAULT_QUERY)
+        + ")",
     )
 
 
@@ -215,6 +219,15 @@ def build_parser() -> Any:
         env_var="BACKSTREAM_TRUST_FORWARDED",
         metavar="CIDR,...",
         help="proxies whose X-Forwarded-*/Forwarded headers are kept (default: none, replaced)",
+    )
+    serve.add_argument(
+        "--forwarded-header",
+        type=str.lower,
+        choices=FORWARDED_HEADERS,
+        default=FORWARDED_HEADERS[0],
+        env_var="BACKSTREAM_FORWARDED_HEADER",
+        help="the one header behind --trust-forwarded proxies that names the caller for "
+        "policies (input.remote); the other is ignored for it (default: x-forwarded-for)",
     )
     serve.add_argument(
         "--domain",
@@ -581,6 +594,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         opa_token=args.opa_token,
         policy_reload=args.policy_reload,
         trust_forwarded=args.trust_forwarded,
+        forwarded_header=args.forwarded_header,
         domain=_checked(routing.normalize_domain, args.domain),
         public_url=_public_url(args.public_url),
         name_grace=args.name_grace,

@@ -44,6 +44,9 @@ class ServerConfig:
     #: Proxies in front whose ``X-Forwarded-*``/``Forwarded`` headers are kept
     #: (``--trust-forwarded``; default none: those headers are replaced).
     trust_forwarded: tuple[Network, ...] = ()
+    #: The one header behind those proxies that names the caller (``input.remote``):
+    #: ``x-forwarded-for`` or ``forwarded`` (``--forwarded-header``; default the first).
+    forwarded_header: str = "x-forwarded-for"
     #: Wildcard domain: ``NAME.domain`` reaches tunnel NAME (``--domain``; default none).
     domain: str = ""
     #: Public URL of this server behind a TLS terminator (``--public-url``; default none).

@@ -113,6 +113,9 @@ class HarRecorder:
     def _url(self, url: str) -> str:
         return url if self.unmasked else redact.current().mask_target(url)
 
+    def _text(self, text: str) -> str:
+        return text if self.unmasked else redact.current().mask_text(text)
+
     def _query(self, url: str) -> list[dict[str, str]]:
         pairs = urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query, keep_blank_values=True)
         shown = pairs if self.unmasked else redact.current().mask_query(pairs)
@@ -163,8 +166,8 @@ class HarRecorder:
             "cache": {},
             "timings": {"send": 0, "wait": wait, "receive": max(total - wait, 0)},
         }
-        if error:
-            har_entry["comment"] = f"relay failed: {error}"
+        if error:  # an error may quote a URL or a header
+            har_entry["comment"] = self._text(f"relay failed: {error}")
         return {
             "log": {
                 "version": "1.2",

@@ -7,10 +7,11 @@ grows with ``--mask-header`` / ``--mask-query``; nothing can remove a default.
 A hidden value reads ``***``.
 
 ``mask_text`` is the net under everything else: it finds ``Name: value``,
-``'Name': 'value'`` and ``name=value`` forms in any formatted line (quoted values
-are masked up to their closing quote, unquoted ones up to the end of the line
-or a following ``; Name: `` header),
-bearer and basic credentials, and secret query parameters in any URL.
+``'Name': 'value'`` and ``name=value`` forms in any formatted line (after a
+quoted name, as in a dict or list repr, the value up to its closing quote;
+after a bare one, up to the end of the line or a following ``; Name: ``
+header, quoted strings in it read whole), bearer and basic credentials, and
+secret query parameters in any URL (names compared percent-decoded).
 """
 
 from __future__ import annotations
@@ -67,15 +68,18 @@ class Redactor:
         names = "|".join(re.escape(h) for h in sorted(self.headers, key=len, reverse=True))
         self._header_re = re.compile(
             rf"""(?ix)
-            (?<![\w-])({names})             # a secret header name
-            (['"]?\s*[:=,]\s*)              # a separator, maybe after a closing quote
+            (?<![\w-])({names})               # a secret header name
             (?:
-              (['"])((?:\\.|(?!\3)[^\\])*)\3  # a quoted value, to its closing quote
-            | ((?:(?!;\s[\w-]+:\s)[^\r\n])*) # or up to "; Next-Header: " or the line's end
+              (['"]\s*[:=,]\s*)                 # quoted ('Cookie': ), so is its value:
+              (?:(['"])(?:\\.|(?!\3)[^\\])*\3     #   to its closing quote
+              | (?:(?!;\s[\w-]+:\s)[^\r\n])*)    #   (if it is not quoted, as below)
+            | (\s*[:=,]\s*)                     # bare (Cookie: ), so to its value's end:
+              (?:"(?:\\.|[^"\\\r\n])*"?         #   quoted strings read whole,
+              | (?!;\s[\w-]+:\s)[^"\r\n])*       #   up to "; Next-Header: " or the line's end
             )
             """
         )
-        params = "|".join(re.escape(q) for q in sorted(self.query, key=len, reverse=True))
+        params = "|".join(_encoded(q) for q in sorted(self.query, key=len, reverse=True))
         self._query_re = re.compile(rf"(?i)([?&;](?:{params})=)([^&;#\s'\"]*)")
         # Cheap pre-check: a line with none of these has no secret header or credential.
         self._triggers = tuple({*self.headers, "bearer", "basic", "digest", "@"})
@@ -111,10 +115,16 @@ class Redactor:
         return _CREDENTIAL_RE.sub(lambda m: m.group(1) + " " + MASK, text)
 
 
+def _encoded(name: str) -> str:
+    """A pattern for ``name`` with any character percent-encoded, as apps decode it:
+    ``access%5Ftoken`` is ``access_token`` to them."""
+    return "".join(f"(?:{re.escape(c)}|%{ord(c):02x})" for c in name)
+
+
 def _mask_header_match(m: re.Match[str]) -> str:
     quote = m.group(3)
     value = quote + MASK + quote if quote else MASK
-    return m.group(1) + m.group(2) + value
+    return m.group(1) + (m.group(2) or m.group(4)) + value
 
 
 _current = Redactor()

@@ -103,31 +103,60 @@ def parse_networks(text: str) -> tuple[Network, ...]:
 def client_address(peer: str, forwarded: Sequence[str], networks: Sequence[Network]) -> str:
     """The caller's address, for policies: ``peer``, unless ``peer`` is a trusted proxy.
 
-    Then it is the right-most entry of ``forwarded`` (the ``X-Forwarded-For``
-    values, or ``forwarded_for`` of ``Forwarded``) that is not itself a trusted
-    proxy: each trusted proxy appends the address it saw, so entries further
-    left were written by the caller and prove nothing. When every entry is
-    trusted, the left-most one.
+    Then it is the right-most entry of ``forwarded`` (``forwarded_chain``) that
+    is not itself a trusted proxy: each trusted proxy appends the address it
+    saw, so entries further left were written by the caller and prove nothing.
+    When every entry is trusted, the left-most one.
     """
     if not is_trusted(peer, networks):
         return peer
-    chain = [_bare_address(a) for value in forwarded for a in value.split(",") if a.strip()]
+    chain = [_bare_address(a) for a in forwarded if a.strip()]
     for address in reversed(chain):
         if not is_trusted(address, networks):
             return address
     return chain[0] if chain else peer
 
 
+#: The headers ``--forwarded-header`` may name: the one read for ``input.remote``.
+FORWARDED_HEADERS = ("x-forwarded-for", "forwarded")
+
+
+def forwarded_chain(header: str, values: Sequence[str]) -> list[str]:
+    """The addresses named by the values of ``header`` (one of ``FORWARDED_HEADERS``)."""
+    if header == "forwarded":
+        return forwarded_for(values)
+    return [a.strip() for value in values for a in value.split(",") if a.strip()]
+
+
+#: A quoted string (to its end if unclosed), a run of other text, or a separator.
+_FORWARDED_TOKEN = re.compile(r'"(?:\\.|[^"\\])*"?|[^",;]+|[,;]')
+_QUOTED = re.compile(r'"((?:\\.|[^"\\])*)"')
+
+
 def forwarded_for(values: Sequence[str]) -> list[str]:
-    """The ``for=`` addresses of ``Forwarded`` header values (RFC 7239), in order."""
+    """The ``for=`` values of ``Forwarded`` headers (RFC 7239), in order, unquoted.
+
+    A quoted string is read whole: a ``,`` or ``;`` inside one separates nothing,
+    so ``for="1.2.3.4, 5.6.7.8"`` is one (invalid) address, never two.
+    """
     found = []
     for value in values:
-        for element in value.split(","):
-            for pair in element.split(";"):
-                name, sep, address = pair.partition("=")
-                if sep and name.strip().lower() == "for":
-                    found.append(address.strip())
+        pair = ""
+        for token in [*_FORWARDED_TOKEN.findall(value), ";"]:
+            if token not in (",", ";"):
+                pair += token
+                continue
+            name, sep, address = pair.partition("=")
+            if sep and name.strip().lower() == "for":
+                found.append(_unquote(address.strip()))
+            pair = ""
     return found
+
+
+def _unquote(value: str) -> str:
+    """A quoted-string (RFC 9110 5.6.4) without its quotes and escapes; else ``value``."""
+    quoted = _QUOTED.fullmatch(value)
+    return re.sub(r"\\(.)", r"\1", quoted.group(1)) if quoted else value
 
 
 def _bare_address(entry: str) -> str:
@@ -304,6 +333,7 @@ def response_headers(status: int, headers: Headers, *, upgrade: bool) -> Headers
 
 
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_PARAMS = re.compile(r";[^/]*")
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 
@@ -312,10 +342,18 @@ def normalize_path(path: str) -> str:
 
     Escapes of unreserved characters are decoded (``%61`` -> ``a``, ``%2e`` ->
     ``.``), the others upper-cased (``%2f`` -> ``%2F``: an encoded slash stays
-    one); runs of slashes are merged; dot segments removed (RFC 3986 6.2.2,
-    5.2.4). Decoding happens once: ``%252e`` stays ``%252e``.
+    one); ``;params`` are cut from each segment; runs of slashes are merged;
+    dot segments removed (RFC 3986 6.2.2, 5.2.4). Decoding happens once:
+    ``%252e`` stays ``%252e``.
+
+    Parameters go because a deny-list must catch the spelling the most lenient
+    app reads: Tomcat and Spring strip them, so ``/x/..;/admin`` and
+    ``/;/admin`` are their ``/admin``. Slashes are merged before dots resolve
+    (``/a//../b`` -> ``/b``, where RFC 3986 gives ``/a/b``), as Tomcat does.
     """
     path = _ESCAPE.sub(_unescape_unreserved, path)
+    if ";" in path:
+        path = _PARAMS.sub("", path)
     if "//" in path:
         path = re.sub(r"/{2,}", "/", path)
     segments = path.split("/")
@@ -392,16 +430,19 @@ def rewrite_locations(headers: Headers, local: str, public: str) -> Headers:
 
     ``local`` is the destination's origin and base path (``http://127.0.0.1:3000/app``),
     ``public`` the caller's origin: a ``Location``, ``Content-Location`` or
-    ``Refresh`` URL under ``local`` is moved under ``public``; nothing else changes.
+    ``Refresh`` URL under ``local``, under http or https (an app that trusts
+    ``X-Forwarded-Proto`` builds ``https://127.0.0.1:3000/...``), is moved under
+    ``public``; nothing else changes.
     """
     if not public:
         return headers
     out: Headers = []
-    prefix = local.rstrip("/").lower()
+    hostpath = local.rstrip("/").lower().partition("://")[2]
+    prefixes = ("http://" + hostpath, "https://" + hostpath)
     for name, value in headers:
         key = name.lower()
         if key in LOCATION_HEADERS:
-            value = _rewrite_url(value, prefix, public, refresh=key == "refresh")
+            value = _rewrite_url(value, prefixes, public, refresh=key == "refresh")
         out.append((name, value))
     return out
 
@@ -409,7 +450,7 @@ def rewrite_locations(headers: Headers, local: str, public: str) -> Headers:
 _REFRESH_URL = re.compile(r"(?i)url\s*=\s*")
 
 
-def _rewrite_url(value: str, prefix: str, public: str, *, refresh: bool) -> str:
+def _rewrite_url(value: str, prefixes: tuple[str, ...], public: str, *, refresh: bool) -> str:
     # Refresh: "5; url=http://...": the URL is after "url=". Elsewhere the whole value
     # is the URL (a "next_url=" in its query is not the target).
     start = 0
@@ -419,10 +460,13 @@ def _rewrite_url(value: str, prefix: str, public: str, *, refresh: bool) -> str:
             return value
         start = found.end()
     url = value[start:].strip().strip("'\"")
+    at = value.index(url, start)  # what is around the URL (quotes, spaces) stays
     lowered = url.lower()
-    if lowered == prefix or lowered.startswith(prefix + "/") or lowered.startswith(prefix + "?"):
-        rest = url[len(prefix) :]
-        return value[:start] + public + (rest if rest.startswith(("/", "?")) else "/" + rest)
+    for prefix in prefixes:
+        if lowered == prefix or lowered.startswith((prefix + "/", prefix + "?")):
+            rest = url[len(prefix) :]
+            moved = public + (rest if rest.startswith(("/", "?")) else "/" + rest)
+            return value[:at] + moved + value[at + len(url) :]
     return value
 
 

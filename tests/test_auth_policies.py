@@ -128,6 +128,14 @@ class PolicyCases:
                 request("/webhooks/..\\admin"),
                 request("/%77ebhooks/..%2F..%2Fadmin"),
                 request("/webhooks/%2E%2E/%2e%2e/admin"),
+                # ";params" (Tomcat reads "/webhooks/.;/../admin" as "/admin")
+                request("/webhooks/..;/admin"),
+                request("/webhooks/%2e%2e;/admin"),
+                request("/webhooks/.;/../admin"),
+                # an app that resolves nothing routes these outside /webhooks/
+                request("/x/../webhooks/a"),
+                request("/;/webhooks/a"),
+                request("/webhooks/a/./b"),
             ],
         )
 
@@ -172,6 +180,8 @@ class PolicyCases:
                 request("/administrator-guide"),
                 request("/static/admin.css"),
                 request("/x/..y"),
+                request("/x/.../y"),
+                request("/.well-known/x"),
             ],
             [
                 request(path)
@@ -190,6 +200,16 @@ class PolicyCases:
                     "/x/..%5cadmin",
                     "/x\\..\\admin",
                     "/x/..;/admin",
+                    # an app that does not resolve dot segments routes these as /admin/...
+                    "/admin/../anything",
+                    "/admin/%2e%2e/anything",
+                    "/ADMIN/%2E/x",
+                    "/admin//../x",
+                    # ";params", which Tomcat and Spring strip
+                    "/;/admin",
+                    "/.;/admin",
+                    "/x/.;/admin",
+                    "/admin/.;/x",
                 )
             ],
         )

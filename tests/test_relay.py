@@ -6,11 +6,12 @@ import re
 
 import pytest
 
-from backstream import redact, relay, routing
+from backstream import protocol, redact, relay, routing
 from backstream.client import backoff_delay
 from backstream.client.upstream import curl_header_lines
-from backstream.config import parse_addr, server_ws_url, split_destination
+from backstream.config import ClientConfig, parse_addr, server_ws_url, split_destination
 from backstream.errors import ConfigError
+from backstream.har import HarRecorder
 
 mask_secrets = redact.Redactor().mask_text
 
@@ -250,6 +251,23 @@ def test_query_tokens_are_masked_in_any_url_a_line_quotes() -> None:
     assert mask_secrets("stream=1 status=200 token=abc") == "stream=1 status=200 token=abc"
 
 
+def test_query_names_are_compared_decoded() -> None:
+    line = "GET /cb?access%5Ftoken=t1&%74oken=t2&Api%5fKey=t3&a%5Fb=kept&x=%74oken"
+    masked = "GET /cb?access%5Ftoken=***&%74oken=***&Api%5fKey=***&a%5Fb=kept&x=%74oken"
+    assert mask_secrets(line) == masked
+
+
+def test_har_comment_is_masked() -> None:
+    recorder = HarRecorder("", unmasked=False, body_limit=10)
+    head = protocol.RequestHead(1, "GET", "/x", [])
+    entry = recorder.start(head, ClientConfig("ws://s", "http://127.0.0.1:1"))
+    error = "cannot reach http://u:pw1@h/x?token=t1 with Authorization: Bearer t2"
+    comment = recorder.document(entry, error)["log"]["entries"][0]["comment"]
+    assert comment == "relay failed: cannot reach http://***@h/x?token=*** with Authorization: ***"
+    unmasked = HarRecorder("", unmasked=True, body_limit=10)
+    assert unmasked.document(entry, error)["log"]["entries"][0]["comment"].endswith(error)
+
+
 @pytest.mark.parametrize(
     "line, hidden, kept",
     [
@@ -262,6 +280,10 @@ def test_query_tokens_are_masked_in_any_url_a_line_quotes() -> None:
             ["Host: h"],
         ),
         ("x-auth-token=t2 x-amz-security-token: t3", ["t2", "t3"], []),
+        # a value that starts with a quoted token is masked to its header's end
+        ('headers: Cookie: "q4"; sid=c2; Host: h', ["q4", "c2"], ["Host: h"]),
+        ('headers: Set-Cookie: a="x; B: c"; sid=c3; X-V: v', ["c3", "B: c"], ["X-V: v"]),
+        ("[('Cookie', '\"q5\"; sid=c4'), ('X-V', 'v')]", ["q5", "c4"], ["('X-V', 'v')"]),
     ],
 )
 def test_quoted_and_listed_secrets_are_masked_whole(
@@ -270,6 +292,15 @@ def test_quoted_and_listed_secrets_are_masked_whole(
     masked = mask_secrets(line)
     assert not [h for h in hidden if h in masked], masked
     assert all(k in masked for k in kept), masked
+
+
+@pytest.mark.parametrize("name", redact.DEFAULT_HEADERS)
+def test_every_default_header_is_masked_in_any_line(name: str) -> None:
+    """Proxy-Authorization and Backstream-Token never reach the client's lines, but a
+    server line or error text could quote them."""
+    title = "-".join(part.capitalize() for part in name.split("-"))
+    assert mask_secrets(f"headers: {title}: s1; X: v") == f"headers: {title}: ***; X: v"
+    assert mask_secrets(f"[('{title}', 's2')]") == f"[('{title}', '***')]"
 
 
 def test_mask_lists_grow_but_keep_their_defaults() -> None:
@@ -301,6 +332,17 @@ def test_mask_lists_grow_but_keep_their_defaults() -> None:
         ("/x%252e%252e/", "/x%252e%252e/"),  # decoded once only
         ("/%7Euser/%20", "/~user/%20"),
         ("/", "/"),
+        # ";params" are stripped from each segment (Tomcat, Spring), before dots resolve
+        ("/admin;jsessionid=1", "/admin"),
+        ("/a;v=1/b;c", "/a/b"),
+        ("/x/..;/admin", "/admin"),
+        ("/;/admin", "/admin"),
+        ("/.;/admin", "/admin"),
+        ("/x/.;/admin", "/x/admin"),
+        ("/webhooks/%2e%2e;/admin", "/admin"),
+        ("/webhooks/.;/../admin", "/admin"),
+        ("/a%3bb", "/a%3Bb"),  # an encoded ";" is not a parameter
+        ("/a//../b", "/b"),  # slashes are merged first (RFC 3986 would give /a/b)
     ],
 )
 def test_normalize_path(path: str, normalized: str) -> None:
@@ -309,17 +351,37 @@ def test_normalize_path(path: str, normalized: str) -> None:
 
 def test_client_address_behind_trusted_proxies() -> None:
     trusted = relay.parse_networks("10.0.0.0/8")
-    address = relay.client_address
-    assert address("10.0.0.1", ["6.6.6.6, 203.0.113.9"], trusted) == "203.0.113.9"
-    assert address("10.0.0.1", ["203.0.113.9", "10.0.0.2"], trusted) == "203.0.113.9"
-    assert address("1.2.3.4", ["9.9.9.9"], trusted) == "1.2.3.4"  # untrusted peer
-    assert address("10.0.0.1", [], trusted) == "10.0.0.1"
-    assert address("10.0.0.1", ["10.0.0.5, 10.0.0.6"], trusted) == "10.0.0.5"
-    assert address("10.0.0.1", ["[2001:db8::1]:80"], trusted) == "2001:db8::1"
-    assert address("10.0.0.1", ["1.2.3.4:567"], trusted) == "1.2.3.4"
-    forwarded = relay.forwarded_for(['for=192.0.2.60;proto=http, for="[2001:db8::17]:4711"'])
-    assert forwarded == ["192.0.2.60", '"[2001:db8::17]:4711"']
-    assert address("10.0.0.1", forwarded, trusted) == "2001:db8::17"
+
+    def address(peer: str, values: list[str]) -> str:
+        return relay.client_address(peer, relay.forwarded_chain("x-forwarded-for", values), trusted)
+
+    assert address("10.0.0.1", ["6.6.6.6, 203.0.113.9"]) == "203.0.113.9"
+    assert address("10.0.0.1", ["203.0.113.9", "10.0.0.2"]) == "203.0.113.9"
+    assert address("1.2.3.4", ["9.9.9.9"]) == "1.2.3.4"  # untrusted peer
+    assert address("10.0.0.1", []) == "10.0.0.1"
+    assert address("10.0.0.1", ["10.0.0.5, 10.0.0.6"]) == "10.0.0.5"
+    assert address("10.0.0.1", ["[2001:db8::1]:80"]) == "2001:db8::1"
+    assert address("10.0.0.1", ["1.2.3.4:567"]) == "1.2.3.4"
+    forwarded = relay.forwarded_chain(
+        "forwarded", ['for=192.0.2.60;proto=http, for="[2001:db8::17]:4711"']
+    )
+    assert forwarded == ["192.0.2.60", "[2001:db8::17]:4711"]
+    assert relay.client_address("10.0.0.1", forwarded, trusted) == "2001:db8::17"
+
+
+def test_forwarded_reads_quoted_strings_whole() -> None:
+    """RFC 7239 values may be quoted strings: a "," or ";" inside one separates nothing."""
+    assert relay.forwarded_for(['for="1.2.3.4, 5.6.7.8"']) == ["1.2.3.4, 5.6.7.8"]
+    assert relay.forwarded_for(['by="a;for=9.9.9.9, x";for=1.2.3.4, For=_hidden']) == [
+        "1.2.3.4",
+        "_hidden",
+    ]
+    assert relay.forwarded_for([r'for="\[::1\]:80"']) == ["[::1]:80"]  # quoted-pairs
+    assert relay.forwarded_for(['for="unclosed, for=2.2.2.2']) == ['"unclosed, for=2.2.2.2']
+    # One quoted entry is one (invalid) address, never the two it seems to list.
+    trusted = relay.parse_networks("10.0.0.0/8")
+    chain = relay.forwarded_chain("forwarded", ['for="6.6.6.6, 10.1.2.3"'])
+    assert relay.client_address("10.0.0.1", chain, trusted) == "6.6.6.6, 10.1.2.3"
 
 
 def test_header_flag_parsing() -> None:
@@ -470,6 +532,43 @@ def test_redirects_under_the_destination_move_to_the_public_origin() -> None:
     assert relay.public_origin([]) == ""
 
 
+def test_redirects_to_the_destination_under_https_move_too() -> None:
+    """An app trusting ``X-Forwarded-Proto: https`` names the destination with https."""
+    local, public = "http://127.0.0.1:3000", "https://pub.example"
+    headers = [
+        ("Location", "https://127.0.0.1:3000/items"),
+        ("Content-Location", "HTTPS://127.0.0.1:3000"),
+        ("Refresh", "0; url=https://127.0.0.1:3000/next"),
+        ("Location", "https://127.0.0.1:3001/items"),  # another port: another origin
+        ("Location", "ftp://127.0.0.1:3000/items"),
+    ]
+    assert relay.rewrite_locations(headers, local, public) == [
+        ("Location", "https://pub.example/items"),
+        ("Content-Location", "https://pub.example/"),
+        ("Refresh", "0; url=https://pub.example/next"),
+        ("Location", "https://127.0.0.1:3001/items"),
+        ("Location", "ftp://127.0.0.1:3000/items"),
+    ]
+    https_app = [("Location", "http://app:8443/x")]  # -d https://...: http moves as well
+    assert relay.rewrite_locations(https_app, "https://app:8443", public) == [
+        ("Location", "https://pub.example/x")
+    ]
+
+
+def test_a_quoted_refresh_url_keeps_its_quotes() -> None:
+    local, public = "http://127.0.0.1:3000", "http://pub.example"
+    headers = [
+        ("Refresh", '3; url="http://127.0.0.1:3000/a"'),
+        ("Refresh", "3;url='http://127.0.0.1:3000/b?x=1' "),
+        ("Refresh", '3; url="http://elsewhere/c"'),
+    ]
+    assert relay.rewrite_locations(headers, local, public) == [
+        ("Refresh", '3; url="http://pub.example/a"'),
+        ("Refresh", "3;url='http://pub.example/b?x=1' "),
+        ("Refresh", '3; url="http://elsewhere/c"'),
+    ]
+
+
 @pytest.mark.timeout(30)  # a hang guard: the old pattern took hours on these lines
 def test_masking_does_not_backtrack_on_hostile_lines() -> None:
     """An unclosed quote before a long run of backslashes once took exponential time:
@@ -479,5 +578,8 @@ def test_masking_does_not_backtrack_on_hostile_lines() -> None:
         'GET /authorization:"' + "\\" * 50_000 + " x",
         "GET /cookie='" + "\\'" * 20_000,
         "GET /" + "authorization:" * 5_000,
+        "GET /cookie: " + '"a\\' * 20_000,
+        "GET /'cookie': '" + "\\'" * 20_000,
+        "GET /?" + "%61%63" * 20_000,
     ):
         assert redactor.mask_text(line).startswith("GET /")

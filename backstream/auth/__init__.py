@@ -147,7 +147,7 @@ def build_input(
     policies read as ``input.header.Authorization``); ``headers`` keeps them all.
     ``path`` is the raw path exactly as it will be forwarded, without the query;
     ``path_normalized`` the same decoded and resolved, for deny-lists.
-    ``remote`` is the caller (behind trusted proxies, from ``X-Forwarded-For``),
+    ``remote`` is the caller (behind trusted proxies, from ``--forwarded-header``),
     ``peer`` the TCP peer (``remote`` when not given). ``extra`` holds what one
     package alone sees: ``name`` (``auth.client``: the name asked for) and
     ``tunnel`` (``auth.server``: the tunnel the request is routed to).

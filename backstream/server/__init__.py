@@ -33,7 +33,13 @@ from .limits import ConnectionLimits
 from .listener import Server
 from .passthrough import PassthroughHandler
 from .public import PublicHandler
-from .screen import HARD_HEADER_LIMIT, HeadScreen
+from .screen import (
+    HARD_HEADER_LIMIT,
+    HeadScreen,
+    is_peer_link,
+    is_tunnel_client,
+    is_websocket_upgrade,
+)
 from .tunnel import TunnelHandler, Tunnels
 
 if TYPE_CHECKING:
@@ -46,9 +52,15 @@ log = logging.getLogger("backstream.server")
 CHUNK_SIZE = 256 * 1024
 
 
-class _HasClientHeader(Matcher):
+class _Headers(Matcher):
+    """Matches the requests whose headers pass ``test``: one of the predicates with
+    which ``HeadScreen`` tells handshakes (no body) from the rest."""
+
+    def __init__(self, test: Callable[[httputil.HTTPHeaders], bool]) -> None:
+        self.test = test
+
     def match(self, request: httputil.HTTPServerRequest) -> dict[str, object] | None:
-        return {} if protocol.CLIENT_HEADER in request.headers else None
+        return {} if self.test(request.headers) else None
 
 
 class _ScreenedApplication(Application):
@@ -58,12 +70,14 @@ class _ScreenedApplication(Application):
     metrics: Metrics | None = None
     #: The longest request target, else 414 (``--max-target``).
     max_target = relay.MAX_TARGET
+    #: Peer links are routed (``--redis``).
+    peers = False
 
     def start_request(
         self, server_conn: object, request_conn: httputil.HTTPConnection
     ) -> httputil.HTTPMessageDelegate:
         inner = super().start_request(server_conn, request_conn)
-        return HeadScreen(inner, request_conn, self.metrics, self.max_target)
+        return HeadScreen(inner, request_conn, self.metrics, self.max_target, self.peers)
 
 
 def make_app(
@@ -88,7 +102,7 @@ def make_app(
         [
             *_peer_rules(config, tunnels),
             Rule(
-                _HasClientHeader(),
+                _Headers(is_tunnel_client),
                 TunnelHandler,
                 {
                     "tunnels": tunnels,
@@ -100,7 +114,7 @@ def make_app(
                 },
             ),
             Rule(
-                _IsWebSocketUpgrade(),
+                _Headers(is_websocket_upgrade),
                 PassthroughHandler,
                 {**relayed, "ws_max_message": config.ws_max_message},
             ),
@@ -113,6 +127,7 @@ def make_app(
     )
     app.metrics = metrics
     app.max_target = config.max_target
+    app.peers = bool(config.redis)
     return app
 
 
@@ -120,14 +135,14 @@ def _peer_rules(config: ServerConfig, tunnels: Tunnels) -> list[Rule]:
     """With ``--redis``: the links from other instances, recognised by their signed header."""
     if not config.redis:
         return []
-    from .peers import PEER_HEADER, PeerHandler
-
-    class _IsPeer(Matcher):
-        def match(self, request: httputil.HTTPServerRequest) -> dict[str, object] | None:
-            return {} if PEER_HEADER in request.headers else None
+    from .peers import PeerHandler
 
     return [
-        Rule(_IsPeer(), PeerHandler, {"tunnels": tunnels, "secret": config.cluster_secret})
+        Rule(
+            _Headers(is_peer_link),
+            PeerHandler,
+            {"tunnels": tunnels, "secret": config.cluster_secret},
+        )
     ]
 
 
@@ -149,12 +164,6 @@ def _log_function(metrics: Metrics | None) -> Callable[[RequestHandler], None]:
             metrics.websocket_answered(handler.request, tunnel, handler.get_status())
 
     return count_websocket
-
-
-class _IsWebSocketUpgrade(Matcher):
-    def match(self, request: httputil.HTTPServerRequest) -> dict[str, object] | None:
-        upgrade = request.headers.get("Upgrade", "")
-        return {} if upgrade.lower() == "websocket" else None
 
 
 class _Anything(Matcher):
@@ -186,7 +195,12 @@ async def run_server(config: ServerConfig) -> None:
     gate = (
         None
         if isinstance(authorizer, NoAuth)
-        else Gate(authorizer, config.trust_forwarded, metrics=metrics)
+        else Gate(
+            authorizer,
+            config.trust_forwarded,
+            metrics=metrics,
+            forwarded_header=config.forwarded_header,
+        )
     )
     if gate is not None:
         await gate.warn_missing()

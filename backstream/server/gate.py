@@ -36,10 +36,14 @@ class Gate:
         authorizer: Authorizer,
         trusted: tuple[relay.Network, ...] = (),
         metrics: Metrics | None = None,
+        forwarded_header: str = "x-forwarded-for",
     ) -> None:
         self.authorizer = authorizer
-        #: Proxies (``--trust-forwarded``) whose ``X-Forwarded-For`` names the caller.
+        #: Proxies (``--trust-forwarded``) whose ``forwarded_header`` names the caller.
         self.trusted = trusted
+        #: The one header ``input.remote`` is read from (``--forwarded-header``): a
+        #: proxy that writes only the other one passes a caller's own copy on untouched.
+        self.forwarded_header = forwarded_header
         #: Counts each decision by package and result (``--metrics-addr``).
         self.metrics = metrics
 
@@ -60,10 +64,8 @@ class Gate:
         path, _, query = target.partition("?")
         peer = remote = request.remote_ip or ""
         if self.trusted:
-            headers = request.headers
-            chain = headers.get_list("X-Forwarded-For") or relay.forwarded_for(
-                headers.get_list("Forwarded")
-            )
+            values = request.headers.get_list(self.forwarded_header)
+            chain = relay.forwarded_chain(self.forwarded_header, values)
             remote = relay.client_address(peer, chain, self.trusted)
         document = build_input(
             request.method or "",

@@ -3,8 +3,8 @@
 # the embedded engine, which refuses this file at start-up; see ../ip-allowlist
 # for a version that works with both backends.
 # input.remote is the caller's address. Behind nginx or a cloud load balancer the
-# TCP peer is the proxy: start the server with --trust-forwarded <proxy CIDR> so
-# that input.remote is read from X-Forwarded-For, or this list admits everyone.
+# TCP peer is the proxy: start the server with --trust-forwarded <proxy CIDR> (and
+# --forwarded-header forwarded if it writes Forwarded), or this list admits everyone.
 package auth.server
 
 import rego.v1

@@ -1,8 +1,10 @@
 # Only /webhooks/... is public (for example for a payment provider's callbacks);
 # everything else behind the tunnel stays private.
-# input.path_normalized is the path decoded and resolved ("/webhooks/../admin"
-# is "/admin", "//" is "/"), so it is what the prefix is checked on; encoded
-# slashes and backslashes, which an app may still decode into "/", are refused.
+# The prefix is checked on both forms of the path: input.path_normalized (decoded
+# and resolved: "/webhooks/../admin" and "/webhooks/..;/admin" are "/admin") for
+# an app that resolves the path, input.path (as sent) for one that does not.
+# Dot segments, "//", encoded slashes and backslashes, which apps read in
+# different ways, are refused: no provider sends them.
 package auth.server
 
 import rego.v1
@@ -12,8 +14,10 @@ default allow := false
 allow if {
 	input.method in {"POST", "GET", "HEAD"}
 	startswith(input.path_normalized, "/webhooks/")
+	startswith(input.path, "/webhooks/")
 	not ambiguous(input.path_normalized)
-	not contains(input.path, "//") # no provider sends one; some URL joiners misread it
+	not dot_segment(input.path)
+	not contains(input.path, "//") # some URL joiners misread it
 }
 
 ambiguous(path) if contains(path, `\`)
@@ -21,6 +25,12 @@ ambiguous(path) if contains(path, `\`)
 ambiguous(path) if {
 	some encoded in ["%2f", "%5c"]
 	contains(lower(path), encoded)
+}
+
+# A "." or ".." segment, with "%2e" for a dot and maybe ";params" after it.
+dot_segment(path) if {
+	some segment in split(lower(path), "/")
+	replace(split(segment, ";")[0], "%2e", ".") in {".", ".."}
 }
 
 # Note: guards used under `not` must not call builtins that can fail: a failing
