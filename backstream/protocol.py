@@ -372,18 +372,41 @@ class Batch:
         return messages
 
 
+#: Close codes no endpoint may send (RFC 6455 7.4.1): 1005 and 1006 only report, locally,
+#: a close frame without a code and a connection that dropped without one.
+RESERVED_CLOSE_CODES = frozenset({1004, 1005, 1006, 1015})
+#: Relayed in place of a dropped connection (1006 cannot be sent): the peer went away.
+GOING_AWAY = 1001
+
+
+def sendable_close_code(code: int) -> bool:
+    """Whether ``code`` may be sent in a close frame."""
+    return 1000 <= code <= 4999 and code not in RESERVED_CLOSE_CODES
+
+
+def close_reason(text: str) -> str:
+    """``text`` cut to what a close frame holds beside its code (123 bytes of UTF-8)."""
+    return text.encode("utf-8")[:123].decode("utf-8", "ignore")
+
+
 def close_payload(code: int | None, reason: str | None) -> bytes:
-    """The payload of the DATA frame that closes a WebSocket stream."""
-    if code is None or not 1000 <= code <= 4999:
+    """The payload of the DATA frame that closes a WebSocket stream: empty for no code."""
+    if code is None or not sendable_close_code(code):
         return b""
-    return _U16.pack(code) + (reason or "").encode("utf-8")[:123]
+    return _U16.pack(code) + close_reason(reason or "").encode("utf-8")
 
 
-def parse_close(payload: bytes) -> tuple[int, str]:
-    """(code, reason) from a closing DATA payload; 1000 when none was given."""
+def parse_close(payload: bytes) -> tuple[int | None, str | None]:
+    """(code, reason) from a closing DATA payload; (None, None) when it had no code.
+
+    No code stays no code: closing with it makes Tornado send a close frame
+    without one, which the far end reads as 1005, as it would have directly.
+    """
     if len(payload) < _U16.size:
-        return 1000, ""
+        return None, None
     (code,) = _U16.unpack_from(payload)
+    if not sendable_close_code(code):
+        return None, None
     return code, payload[_U16.size :].decode("utf-8", "replace")
 
 

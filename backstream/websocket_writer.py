@@ -36,6 +36,7 @@ _FIN = 0x80
 _CONTINUATION = 0x0
 _TEXT = 0x1
 _BINARY = 0x2
+_CLOSE = 0x8
 _MASKED = 0x80
 
 
@@ -131,6 +132,26 @@ def record_sent_close(connection: Any) -> list[tuple[int | None, str | None]]:
 
     connection.close = recording
     return sent
+
+
+def record_peer_close(connection: Any) -> list[bool]:
+    """Make a Tornado WebSocket protocol remember that the peer's close frame arrived.
+
+    Tornado leaves ``close_code`` None both after a close frame without a code
+    and after a connection that dropped without any (1006): the relay passes
+    the first on as it is, and reports the second as the peer going away.
+    The returned list holds True once the peer's close frame arrived.
+    """
+    received: list[bool] = []
+    handle = connection._handle_message
+
+    def handling(opcode: int, data: bytes) -> Any:
+        if opcode == _CLOSE and not received:
+            received.append(True)
+        return handle(opcode, data)
+
+    connection._handle_message = handling
+    return received
 
 
 def _groups(pieces: Sequence[bytes]) -> Iterator[bytes]:

@@ -42,8 +42,9 @@ Endpoints (every request whose path does not start with ``/__`` counts as a hit)
                            ``Proxy-Authenticate``, ``Trailer``) plus ``X-End-To-End``.
 ``GET /ws/echo`` (WebSocket) greets with JSON ``{"uri", "headers"}``, then echoes every
                            message with its type; subprotocols ``chat``/``superchat``;
-                           the text ``close`` closes with 4001; prints ``ws-open "URI"`` and
-                           ``ws-closed "URI" code=N``.
+                           the text ``close`` closes with 4001, ``close-nocode`` without a
+                           code, ``drop`` drops the connection; prints ``ws-open "URI"`` and
+                           ``ws-closed "URI" code=N reason="R"`` (JSON; ``null`` for none).
 ``GET /ws/refuse``         refuses the upgrade with 403 and ``X-Refused: yes``.
 ``GET /browser/ws``        a small HTML page (inline script, no external resources) for
                            the browser test: it opens a WebSocket to ``ws://`` +
@@ -434,8 +435,9 @@ class WsEcho(tornado.websocket.WebSocketHandler):
     """WebSocket echo: greets with the request line it saw, then echoes every message.
 
     Subprotocols ``chat`` and ``superchat`` are accepted (the first one offered);
-    the text message ``close`` makes the app close with code 4001. Messages up
-    to 128 MiB are taken (Tornado's default is 10 MiB).
+    the text message ``close`` makes the app close with code 4001, ``close-nocode``
+    with a close frame without a code, ``drop`` drops the connection without any.
+    Messages up to 128 MiB are taken (Tornado's default is 10 MiB).
     """
 
     @property
@@ -454,10 +456,17 @@ class WsEcho(tornado.websocket.WebSocketHandler):
         if message == "close":
             self.close(4001, "asked to close")
             return
+        if message == "close-nocode":
+            self.close()
+            return
+        if message == "drop" and self.ws_connection is not None:
+            self.ws_connection.stream.close()
+            return
         self.write_message(message, binary=isinstance(message, bytes))
 
     def on_close(self) -> None:
-        _say(f'ws-closed "{self.request.uri}" code={self.close_code}')
+        reason = json.dumps(self.close_reason)
+        _say(f'ws-closed "{self.request.uri}" code={self.close_code} reason={reason}')
 
 
 BROWSER_WS_MESSAGE = "hello through the tunnel"

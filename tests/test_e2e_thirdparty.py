@@ -393,6 +393,39 @@ def test_fastapi_location_headers_rewritten_only_for_the_destination(
     assert request(fastapi_app.addr, "GET", "/links").header("Location") == f"{app_origin}/items"
 
 
+def test_fastapi_https_and_refused_upgrade_redirects_are_rewritten(
+    procs: ProcessPool, fastapi_app: App
+) -> None:
+    """With ``rewrite``, redirects naming the destination under https, or in the answer to a
+    refused WebSocket upgrade, are rewritten to the public origin too.
+
+    uvicorn trusts ``X-Forwarded-Proto`` from 127.0.0.1, so behind a TLS proxy (here a
+    caller the server trusts with ``--trust-forwarded``) the app builds
+    ``https://127.0.0.1:PORT/...``.
+    """
+    srv = procs.server("--trust-forwarded", "127.0.0.1")
+    procs.client(srv, fastapi_app.url, "--host-header", "rewrite")
+    proxy = [("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", "pub.example")]
+    upgrade = [
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ("Sec-WebSocket-Version", "13"),
+    ]
+    cases = {"https": ("/items/", proxy), "refused": ("/ws/moved", upgrade)}
+    for name, (path, headers) in cases.items():
+        direct = request(fastapi_app.addr, "GET", path, headers=headers)
+        scheme = "https" if name == "https" else "http"
+        assert direct.status == 307, (name, direct.status, direct.text()[:300])
+        assert direct.header("Location") == f"{scheme}://{fastapi_app.netloc}/items", name
+        public = "https://pub.example" if name == "https" else srv.url
+        tunneled = request(srv, "GET", path, headers=headers)
+        assert tunneled.status == 307, (name, tunneled.status, tunneled.text()[:300])
+        assert tunneled.header("Location") == f"{public}/items", (name, tunneled.headers)
+        names = [k.lower() for k, _ in tunneled.headers]
+        assert len(names) == len(set(names)), (name, tunneled.headers)  # none doubled
+
+
 def test_fastapi_sse_arrives_incrementally(fastapi_app: App, fastapi_tunnel: Tunnel) -> None:
     """1b: 5 events 0.3 s apart arrive one by one through the tunnel, as directly."""
     path = "/sse?n=5&interval=0.3"
@@ -431,7 +464,9 @@ def test_fastapi_50mib_streamed_upload(fastapi_app: App, fastapi_tunnel: Tunnel)
 def test_fastapi_websocket_subprotocol_echo_and_close_codes(
     fastapi_app: App, fastapi_tunnel: Tunnel
 ) -> None:
-    """1d: subprotocol ``chat``, echo, the app's 4321 "bye", and the caller's close code."""
+    """1d: subprotocol ``chat``, echo, the app's 4321 "bye", and the caller's close code,
+    or its close without a code (uvicorn: 1005). An ASGI app cannot close without a code
+    (``websocket.close`` has 1000 by default): that direction is in ``test_e2e_websocket.py``."""
     run = secrets.token_hex(4)
 
     async def session(port: int, tag: str) -> tuple[Any, ...]:
@@ -445,11 +480,11 @@ def test_fastapi_websocket_subprotocol_echo_and_close_codes(
         end = await _ws_read(conn)
         return chosen, text, data, end, conn.close_code, conn.close_reason
 
-    async def caller_closes(port: int, tag: str) -> None:
+    async def caller_closes(port: int, tag: str, *close: Any) -> None:
         conn = await _ws_open(port, f"/ws?tag={tag}", subprotocols=["chat"])
         await conn.write_message("ping")
         assert await _ws_read(conn) == "ping"
-        conn.close(4002, "see you")
+        conn.close(*close)
         assert await _ws_read(conn) is None  # the close handshake completes
 
     want = ("chat", "héllo ✓", bytes(range(256)), None, 4321, "bye")
@@ -459,14 +494,17 @@ def test_fastapi_websocket_subprotocol_echo_and_close_codes(
     assert tunneled[:4] == want[:4]
     assert tunneled[4:] == (4321, "bye"), f"close code/reason {tunneled[4:]}; {FEATURE}"
 
-    asyncio.run(caller_closes(fastapi_app.port, f"dc-{run}"))
-    asyncio.run(caller_closes(fastapi_tunnel.server.port, f"tc-{run}"))
+    for tag, close in (("c", (4002, "see you")), ("n", ())):  # "n": no code
+        asyncio.run(caller_closes(fastapi_app.port, f"d{tag}-{run}", *close))
+        asyncio.run(caller_closes(fastapi_tunnel.server.port, f"t{tag}-{run}", *close))
+    tags = [f"{side}{tag}-{run}" for side in "dt" for tag in "cn"]
     closes = wait_until(
-        lambda: (c := _closes(fastapi_app)) and f"dc-{run}" in c and f"tc-{run}" in c and c,
-        TIMEOUTS.request,
+        lambda: (c := _closes(fastapi_app)) and all(t in c for t in tags) and c, TIMEOUTS.request
     )
     assert closes[f"dc-{run}"] == [4002, "see you", "peer"]
     assert closes[f"tc-{run}"] == [4002, "see you", "peer"], FEATURE
+    assert closes[f"dn-{run}"] == [1005, "", "peer"]  # a close frame without a code
+    assert closes[f"tn-{run}"] == closes[f"dn-{run}"], f"no code became {closes[f'tn-{run}']}"
 
 
 def test_fastapi_websocket_big_messages_both_ways(fastapi_app: App, fastapi_tunnel: Tunnel) -> None:
@@ -532,6 +570,30 @@ def test_websocket_over_the_limit_closes_1009_at_both_ends(
     assert closes[f"up-{run}"][:1] == [1009], closes[f"up-{run}"]
     assert closes[f"down-{run}"][:1] == [1009], closes[f"down-{run}"]
     assert closes[f"up-{run}"][1] and closes[f"down-{run}"][1]  # with a reason
+
+
+def test_app_message_over_the_server_limit_closes_1009_at_both_ends(
+    procs: ProcessPool, fastapi_app: App
+) -> None:
+    """The app's 4 MiB message passes the client's limit (64M) but not the server's (3M).
+
+    The server's message tracker refuses it fragment by fragment: the caller gets
+    1009 and the reason, and the same close is relayed back to the app.
+    """
+    srv = procs.server("--ws-max-message", "3M")
+    procs.client(srv, fastapi_app.url)
+    tag = "server-limit-" + secrets.token_hex(4)
+
+    async def go() -> tuple[Any, int | None, str | None]:
+        conn = await _ws_open(srv.port, f"/ws?tag={tag}")
+        await conn.write_message(f"big:{4 * MIB}")
+        got = await _ws_read(conn)
+        return got, conn.close_code, conn.close_reason
+
+    reason = f"message too big (limit {3 * MIB} bytes)"
+    assert asyncio.run(go()) == (None, 1009, reason)
+    closes = wait_until(lambda: (c := _closes(fastapi_app)) and tag in c and c, TIMEOUTS.request)
+    assert closes[tag] == [1009, reason, "peer"]
 
 
 # == 2. Jupyter Server with an IPython kernel ======================================
@@ -655,9 +717,11 @@ def test_jupyter_big_display_output_in_one_message(
 
 # == 3. A browser on Jupyter through the tunnel ======================================
 
-#: Runs in the page (same origin as the tunnel's server): POST /api/kernels with the
-#: page's cookies and the _xsrf cookie as X-XSRFToken (what Jupyter's own frontends do),
-#: then DELETE the kernel the same way. Jupyter answers 404 when Origin != Host.
+#: Runs in the page: POST /api/kernels with the page's cookies and the _xsrf cookie as
+#: X-XSRFToken (what Jupyter's own frontends do), then the kernel's ``channels``
+#: WebSocket from the page (cookie auth; Jupyter refuses it with 403 when Origin != Host)
+#: runs ``print(6 * 7)``, then DELETE the kernel the same way. Jupyter answers the POST
+#: with 404 when Origin != Host.
 BROWSER_JS = """
 async () => {
   const m = document.cookie.match(/(?:^|; )_xsrf=([^;]*)/);
@@ -668,14 +732,47 @@ async () => {
     method: 'POST', headers, credentials: 'same-origin', body: JSON.stringify({name: 'python3'})
   });
   const body = await r.text();
-  let deleted = null;
+  const execute = (kernel) => new Promise((resolve) => {
+    const hex = () => Math.random().toString(16).slice(2);
+    const session = hex(), msgId = hex();
+    const out = {opened: false, output: '', reply: null, idle: false, closed: null};
+    const ws = new WebSocket((location.protocol === 'https:' ? 'wss://' : 'ws://') +
+      location.host + '/api/kernels/' + kernel + '/channels?session_id=' + session);
+    const timer = setTimeout(() => ws.close(4000, 'timeout'), 60000);
+    ws.onopen = () => {
+      out.opened = true;
+      ws.send(JSON.stringify({
+        header: {msg_id: msgId, msg_type: 'execute_request', session, username: 'browser',
+                 version: '5.3', date: new Date().toISOString()},
+        parent_header: {}, metadata: {}, channel: 'shell', buffers: [],
+        content: {code: 'print(6 * 7)', silent: false, store_history: false,
+                  user_expressions: {}, allow_stdin: false, stop_on_error: true}}));
+    };
+    ws.onmessage = (event) => {
+      const msg = JSON.parse(event.data);
+      if ((msg.parent_header || {}).msg_id !== msgId) return;
+      const kind = msg.channel + ' ' + msg.msg_type;
+      if (kind === 'shell execute_reply') out.reply = msg.content.status;
+      if (kind === 'iopub stream') out.output += msg.content.text;
+      if (kind === 'iopub status' && msg.content.execution_state === 'idle') out.idle = true;
+      if (out.reply !== null && out.idle) ws.close(1000, 'done');
+    };
+    ws.onclose = (event) => {  // after the server's answer to our close, or a refusal
+      clearTimeout(timer);
+      out.closed = [event.code, event.reason];
+      resolve(out);
+    };
+  });
+  let ws = null, deleted = null;
   if (r.status === 201) {
-    const d = await fetch('/api/kernels/' + JSON.parse(body).id, {
+    const kernel = JSON.parse(body).id;
+    ws = await execute(kernel);
+    const d = await fetch('/api/kernels/' + kernel, {
       method: 'DELETE', headers, credentials: 'same-origin'
     });
     deleted = d.status;
   }
-  return {xsrf: xsrf !== null, status: r.status, body: body.slice(0, 300), deleted,
+  return {xsrf: xsrf !== null, status: r.status, body: body.slice(0, 300), ws, deleted,
           origin: location.origin};
 }
 """
@@ -694,31 +791,48 @@ def _sync_playwright() -> Any:
 def test_jupyter_browser_post_with_cookie_and_xsrf(
     jupyter: Jupyter, jupyter_tunnel: Tunnel
 ) -> None:
-    """3: Chromium on ``/?token=T`` through the tunnel, then a same-origin POST: 201."""
+    """3: Chromium on ``/?token=T``, then a same-origin POST (201), the kernel's
+    ``channels`` WebSocket running code, and a DELETE (204): through the tunnel exactly
+    as directly, each in a fresh browser context (its own cookies)."""
     sync_playwright = _sync_playwright()
     srv = jupyter_tunnel.server
     console: list[str] = []
+    results: dict[str, dict[str, Any]] = {}
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
         try:
-            page = browser.new_page()
-            page.on("console", lambda msg: console.append(f"{msg.type}: {msg.text}"))
-            page.set_default_timeout(BROWSER_TIMEOUT * 1000)
-            response = page.goto(f"{srv.url}/?token={jupyter.token}", wait_until="load")
-            assert response is not None and response.status == 200, response
-            result = page.evaluate(BROWSER_JS)
+            for name, origin in (("direct", jupyter.url), ("tunnel", srv.url)):
+                context = browser.new_context()
+                page = context.new_page()
+                page.on("console", lambda msg: console.append(f"{msg.type}: {msg.text}"))
+                page.set_default_timeout(BROWSER_TIMEOUT * 1000)
+                response = page.goto(f"{origin}/?token={jupyter.token}", wait_until="load")
+                assert response is not None and response.status == 200, (name, response)
+                results[name] = page.evaluate(BROWSER_JS)
+                assert results[name].pop("origin") == origin, (name, results[name])
+                results[name].pop("body")  # names the kernel, a new one each time
+                context.close()
         finally:
             browser.close()
-    assert result["origin"] == srv.url, result
-    assert result["xsrf"], f"Jupyter set no _xsrf cookie for the page: {result}"
+    direct, tunneled = results["direct"], results["tunnel"]
+    assert direct == {
+        "xsrf": True,
+        "status": 201,
+        "ws": {
+            "opened": True,
+            "output": "42\n",
+            "reply": "ok",
+            "idle": True,
+            "closed": [1000, ""],  # Tornado answers a close with its code, not its reason
+        },
+        "deleted": 204,
+    }, (direct, console)
     blocked = jupyter.proc.count(r"Blocking Cross Origin")
-    assert result["status"] == 201, (
-        f"POST /api/kernels from the page got {result['status']} ({result['body']!r}); "
-        f"Jupyter logged {blocked} 'Blocking Cross Origin' line(s): it saw a Host other "
-        f"than the page's origin {srv.url} (default --host-header preserve); {FEATURE}; "
-        f"console {console}"
+    assert tunneled == direct, (
+        f"through the tunnel the page got {tunneled}, directly {direct}; Jupyter logged "
+        f"{blocked} 'Blocking Cross Origin' line(s): it saw a Host other than the page's "
+        f"origin {srv.url} (default --host-header preserve); {FEATURE}; console {console}"
     )
-    assert result["deleted"] == 204, result
 
 
 def test_jupyter_rewritten_host_fails_the_origin_check(

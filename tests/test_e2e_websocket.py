@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from pathlib import Path
 
 import pytest
-from harness import TIMEOUTS, ProcessPool, Server
+from harness import TIMEOUTS, LocalApp, ProcessPool, Server
 from tornado import httpclient
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 
 async def _open(
-    server: Server, path: str, subprotocols: list[str] | None = None, **headers: str
+    server: Server | LocalApp, path: str, subprotocols: list[str] | None = None, **headers: str
 ) -> WebSocketClientConnection:
     request = httpclient.HTTPRequest(
         f"ws://127.0.0.1:{server.port}{path}",
@@ -84,6 +85,64 @@ def test_app_closing_closes_the_public_websocket(procs: ProcessPool) -> None:
         assert (conn.close_code, conn.close_reason) == (4001, "asked to close")
 
     asyncio.run(close_from_app())
+
+
+def test_a_close_without_a_code_passes_through_both_ways(procs: ProcessPool) -> None:
+    """No status code stays no code (the far end reads 1005), exactly as directly."""
+    app = procs.local_app()
+    srv = procs.server()
+    procs.client(srv, app)
+
+    async def app_closes(target: Server | LocalApp) -> tuple[int | None, str | None]:
+        conn = await _open(target, "/ws/echo?nocode=app")
+        await _read(conn)  # greeting
+        await conn.write_message("close-nocode")
+        assert await _read(conn) is None
+        return conn.close_code, conn.close_reason
+
+    async def caller_closes(target: Server | LocalApp, tag: str) -> None:
+        conn = await _open(target, f"/ws/echo?nocode={tag}")
+        await _read(conn)
+        conn.close()
+        assert await _read(conn) is None
+
+    assert asyncio.run(app_closes(app)) == (None, None)
+    assert asyncio.run(app_closes(srv)) == (None, None)  # not 1000
+    asyncio.run(caller_closes(app, "direct"))
+    asyncio.run(caller_closes(srv, "tunnel"))
+    for tag in ("direct", "tunnel"):
+        app.wait_for(rf'ws-closed "/ws/echo\?nocode={tag}" code=None reason=null', TIMEOUTS.request)
+
+
+def test_a_dropped_connection_reaches_the_other_end_as_going_away(procs: ProcessPool) -> None:
+    """A side that drops with no close frame (1006, never sent): the other gets 1001 and why."""
+    app = procs.local_app()
+    srv = procs.server()
+    procs.client(srv, app)
+
+    async def app_drops() -> tuple[int | None, str | None]:
+        conn = await _open(srv, "/ws/echo?drop=app")
+        await _read(conn)
+        await conn.write_message("drop")
+        assert await _read(conn) is None
+        return conn.close_code, conn.close_reason
+
+    assert asyncio.run(app_drops()) == (1001, "the local app's connection dropped")
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUTS.request) as sock:
+        sock.sendall(
+            b"GET /ws/echo?drop=caller HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+    # closed without a close frame
+    app.wait_for(
+        r'ws-closed "/ws/echo\?drop=caller" code=1001 reason="the caller\'s connection dropped"',
+        TIMEOUTS.request,
+    )
 
 
 def test_app_refusing_the_upgrade_is_passed_back(procs: ProcessPool) -> None:

@@ -5,7 +5,9 @@ app's ``/ws/echo`` endpoint (greets with a JSON line, then echoes; "close" -> 40
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -13,7 +15,7 @@ from typing import Any
 
 import pytest
 from conftest import Tunnel
-from harness import TIMEOUTS, ProcessPool, pattern_chunks, request
+from harness import TIMEOUTS, LocalApp, ProcessPool, pattern_chunks, pattern_sha256, request
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
@@ -67,10 +69,20 @@ def test_large_messages_cross_whole_both_ways(tunnel: Tunnel, size: int) -> None
     assert run(go) == data
 
 
+def _app_saw_close(app: LocalApp, uri: str, code: int, reason: str | None, mark: int) -> None:
+    """The local app logged the close of ``uri`` with exactly this code and reason."""
+    pattern = f'ws-closed "{re.escape(uri)}" code={code} reason={re.escape(json.dumps(reason))}$'
+    app.wait_for(pattern, timeout=15, start=mark)
+
+
 def test_message_over_the_limit_closes_both_ends_with_1009(procs: ProcessPool) -> None:
-    """Not silently cut: 1009 with a reason reaches the caller and the local app."""
+    """Not silently cut: 1009 with a reason reaches the caller and the local app.
+
+    The caller's message is over the server's limit (``BACKSTREAM_WS_MAX_MESSAGE``):
+    Tornado's own 1009 on the public side, relayed to the app.
+    """
     app = procs.local_app()
-    srv = procs.server("--ws-max-message", "1M")
+    srv = procs.server(env={"BACKSTREAM_WS_MAX_MESSAGE": "1M"})
     procs.client(srv, app, "--ws-max-message", "2M")
     tunnel = Tunnel(srv, None, app)  # type: ignore[arg-type]
     mark = app.mark()
@@ -83,13 +95,17 @@ def test_message_over_the_limit_closes_both_ends_with_1009(procs: ProcessPool) -
 
     message, code, reason = run(go)
     assert (message, code) == (None, 1009) and reason, reason
-    app.wait_for(r'ws-closed "/ws/echo\?too-big=1" code=1009', timeout=15, start=mark)
+    _app_saw_close(app, "/ws/echo?too-big=1", 1009, reason, mark)
 
 
-def test_message_from_the_app_over_the_client_limit_closes_with_1009(
+def test_caller_message_over_the_client_limit_closes_both_ends_with_1009(
     procs: ProcessPool,
 ) -> None:
-    """The client's own limit applies to what the local app sends: 1009 at both ends."""
+    """The caller's message passes the server's limit but not the client's: 1009 at both ends.
+
+    The client's message tracker refuses it before the local app gets it whole,
+    and sends the same code and reason both ways.
+    """
     app = procs.local_app()
     srv = procs.server()
     procs.client(srv, app, "--ws-max-message", "1M")
@@ -97,15 +113,14 @@ def test_message_from_the_app_over_the_client_limit_closes_with_1009(
     mark = app.mark()
 
     async def go() -> tuple[Any, int | None, str | None]:
-        conn = await connect(tunnel, "/ws/echo?echo-too-big=1")
-        # The server takes it (64 MiB), the client passes it on; the app's echo is too big.
-        await conn.write_message(b"y" * (MiB + 1), binary=True)
+        conn = await connect(tunnel, "/ws/echo?client-too-big=1")
+        await conn.write_message(b"y" * (MiB + 1), binary=True)  # the server takes 64 MiB
         message = await conn.read_message()
         return message, conn.close_code, conn.close_reason
 
     message, code, reason = run(go)
-    assert (message, code) == (None, 1009) and reason, reason
-    app.wait_for(r'ws-closed "/ws/echo\?echo-too-big=1" code=1009', timeout=15, start=mark)
+    assert (message, code, reason) == (None, 1009, f"message too big (limit {MiB} bytes)")
+    _app_saw_close(app, "/ws/echo?client-too-big=1", 1009, reason, mark)
 
 
 def test_64mib_message_byte_exact_with_bounded_memory(procs: ProcessPool) -> None:
@@ -160,6 +175,73 @@ def test_plain_http_flows_beside_an_open_websocket(tunnel: Tunnel) -> None:
         return r.status, echoed
 
     assert run(go) == (200, "ping")
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), MiB))
+        assert chunk, f"connection closed after {len(buf)} of {n} bytes"
+        buf += chunk
+    return bytes(buf)
+
+
+def _read_frame(sock: socket.socket) -> tuple[int, bytes]:
+    """The next (unmasked) data frame from the server: its first byte (FIN, opcode) and
+    payload. Pings and pongs, which may come between fragments, are skipped."""
+    while True:
+        first, length = _recv_exactly(sock, 2)
+        if length == 126:
+            length = int.from_bytes(_recv_exactly(sock, 2), "big")
+        elif length == 127:
+            length = int.from_bytes(_recv_exactly(sock, 8), "big")
+        payload = _recv_exactly(sock, length)
+        if first & 0x0F not in (0x9, 0xA):
+            return first, payload
+
+
+def test_plain_http_answers_while_a_big_message_crosses(procs: ProcessPool) -> None:
+    """A GET on the same tunnel answers while a 48 MiB echo is in flight on another stream.
+
+    The caller takes the echo's first frame, then reads nothing more until the GET
+    has answered: the rest of the echo waits in the tunnel for credit, so the GET
+    went by it (ordering, not timing). Then the echo arrives whole.
+    """
+    app = procs.local_app()
+    srv = procs.server()
+    procs.client(srv, app)
+    size = 48 * MiB
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUTS.request) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.sendall(
+            b"GET /ws/echo?crossing=1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        assert _read_frame(sock)[0] == 0x81  # the greeting: one text frame
+        # One binary frame, masked with a zero key (so the payload goes as it is).
+        sock.sendall(b"\x82\xff" + size.to_bytes(8, "big") + b"\0\0\0\0")
+        for chunk in pattern_chunks(size, MiB):
+            sock.sendall(chunk)
+        first, data = _read_frame(sock)
+        assert first == 0x02, hex(first)  # the echo's first fragment: binary, FIN not set
+        echoed = hashlib.sha256(data)
+        received = len(data)
+
+        beside = request(srv, "GET", "/beside")  # the caller reads nothing meanwhile
+        assert beside.status == 200, beside.status
+        assert received < size  # the echo was still crossing when the GET answered
+
+        while not first & 0x80:  # continuation frames up to the one with FIN
+            first, data = _read_frame(sock)
+            assert first & 0x0F == 0, hex(first)
+            echoed.update(data)
+            received += len(data)
+    assert (received, echoed.hexdigest()) == (size, pattern_sha256(size))
 
 
 def test_ten_websockets_at_once(tunnel: Tunnel) -> None:

@@ -158,6 +158,9 @@ class FakeAppProtocol:
         if self.closed_with is None:
             self.closed_with = (code, reason)
 
+    def _handle_message(self, opcode: int, data: bytes) -> None:
+        """Each frame from the app, as Tornado's reader passes it (``record_peer_close``)."""
+
     def write(self, pieces: Any, options: dict[str, Any]) -> asyncio.Future[None]:
         if self.closed_with is not None:
             raise WebSocketClosedError()
@@ -940,6 +943,7 @@ class FakeAppConnection:
     def app_close(self, code: int) -> None:
         if not self.ended:
             self.close_code, self.close_reason = code, "app closed"
+            self.protocol._handle_message(0x8, b"")  # its close frame arrived
             self.ended = True
             self._resolve(None)
 

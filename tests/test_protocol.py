@@ -262,10 +262,19 @@ class TestFlowControl:
 
 def test_websocket_close_payload() -> None:
     assert protocol.parse_close(protocol.close_payload(4001, "bye")) == (4001, "bye")
-    assert protocol.close_payload(None, None) == b""
-    assert protocol.close_payload(1005, "") == b"\x03\xed"
-    assert protocol.parse_close(b"") == (1000, "")
+    assert protocol.parse_close(protocol.close_payload(1000, "")) == (1000, "")
     assert protocol.close_payload(99, "out of range") == b""
+    # No code travels as no code: the far end then gets a close frame without one (1005).
+    assert protocol.close_payload(None, None) == b""
+    assert protocol.parse_close(b"") == (None, None)
+    assert protocol.parse_close(b"\x03") == (None, None)
+    # 1005, 1006 (and 1004, 1015) only report what happened; they are never sent.
+    for reserved in (1004, 1005, 1006, 1015):
+        assert protocol.close_payload(reserved, "x") == b""
+        assert protocol.parse_close(struct.pack("!H", reserved) + b"x") == (None, None)
+    # A reason is cut to what a close frame holds, never in the middle of a character.
+    long = protocol.parse_close(protocol.close_payload(4000, "é" * 100))
+    assert long == (4000, "é" * 61)
 
 
 # -- WebSocket messages in fragments --------------------------------------------------------

@@ -20,6 +20,8 @@ Routes (all behaviour is FastAPI's / Starlette's / uvicorn's own, nothing hand-m
                         ``close`` -> closes with 4321 ``bye``; ``big:N`` -> sends a text
                         message of N ``y``; every close it sees is recorded under the
                         ``tag`` query parameter.
+``WS /ws/moved``        refuses the upgrade with Starlette's denial response: a 307 to
+                        ``/items`` on the request's origin (``http``/``https`` for ``ws``/``wss``).
 ``GET /ws/closes``      ``{tag: [code, reason, who]}`` (``who`` is ``peer`` when the other side
                         closed, ``app`` when the app did).
 """
@@ -121,6 +123,12 @@ async def ws(websocket: WebSocket) -> None:
                 await websocket.send_bytes(message.get("bytes") or b"")
     except WebSocketDisconnect as e:
         closes[tag] = (e.code, e.reason or "", "peer")
+
+
+@app.websocket("/ws/moved")
+async def ws_moved(websocket: WebSocket) -> None:
+    base = str(websocket.base_url).replace("ws", "http", 1).rstrip("/")
+    await websocket.send_denial_response(RedirectResponse(f"{base}/items", status_code=307))
 
 
 @app.get("/ws/closes")

@@ -45,6 +45,20 @@ _NOT_FORWARDED = ("host", "transfer-encoding", "expect")
 _TIMEOUTS = {pycurl.E_OPERATION_TIMEDOUT}
 
 
+def public_locations(
+    config: ClientConfig, request: protocol.Headers, headers: protocol.Headers
+) -> protocol.Headers:
+    """``headers`` with the redirects to the destination pointed at the public origin.
+
+    Only when the app saw another Host than the caller's (``--host-header rewrite``
+    or a value): with ``preserve`` it built its URLs from the public one already.
+    """
+    if config.host_header == "preserve":
+        return headers
+    local = config.dst_origin + config.dst_base_path
+    return relay.rewrite_locations(headers, local, relay.public_origin(request))
+
+
 def curl_header_lines(
     headers: list[tuple[str, str]], host: str, body_length: int, method: str
 ) -> list[bytes]:
@@ -283,11 +297,9 @@ class Exchange:
         self.head_sent = True
         # These responses never have a body: end the stream with the head.
         self.end_sent = self.head.method == "HEAD" or self.status in (204, 304)
-        headers = relay.strip_hop_by_hop(self.response_headers)
-        if self.config.host_header != "preserve":  # the app built its URLs from our Host
-            public = relay.public_origin(self.head.headers)
-            local = self.config.dst_origin + self.config.dst_base_path
-            headers = relay.rewrite_locations(headers, local, public)
+        headers = public_locations(
+            self.config, self.head.headers, relay.strip_hop_by_hop(self.response_headers)
+        )
         head = protocol.ResponseHead(self.id, self.status, self.reason, headers, self.end_sent)
         self.tunnel.send(head.encode())
         if self.har is not None:

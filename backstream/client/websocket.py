@@ -23,6 +23,7 @@ from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, w
 
 from .. import errors, heap, protocol, redact, relay, websocket_writer
 from ..config import ClientConfig
+from .upstream import public_locations
 
 if TYPE_CHECKING:
     from . import ClientTunnel
@@ -50,6 +51,8 @@ class WebSocketExchange:
         #: The closing DATA went to the server (once per stream, whoever closed first).
         self.close_sent = False
         self.sent_close: list[tuple[int | None, str | None]] = []
+        #: The app's close frame arrived (else, if it closed first, its connection dropped).
+        self.peer_closed: list[bool] = []
         self.cancelled = False
         self._credit: asyncio.Future[None] | None = None
 
@@ -107,6 +110,7 @@ class WebSocketExchange:
         self.conn = conn
         if conn.protocol is not None:
             self.sent_close = websocket_writer.record_sent_close(conn.protocol)
+            self.peer_closed = websocket_writer.record_peer_close(conn.protocol)
         accepted = []
         if conn.selected_subprotocol:
             accepted.append(("Sec-WebSocket-Protocol", conn.selected_subprotocol))
@@ -121,10 +125,14 @@ class WebSocketExchange:
             if self.cancelled:
                 return
             if message is None:
-                # The close this side started (1009 and its reason included), else the app's.
-                code, reason = self.sent_close[0] if self.sent_close else (None, None)
-                if not self.sent_close:
+                # The close this side started (1009 and its reason included), else the app's
+                # (no code stays no code), else its connection dropped: 1006 cannot be sent.
+                if self.sent_close:
+                    code, reason = self.sent_close[0]
+                elif self.peer_closed:
                     code, reason = conn.close_code, conn.close_reason
+                else:
+                    code, reason = protocol.GOING_AWAY, "the local app's connection dropped"
                 self._send_close(code, reason)
                 return
             text = isinstance(message, str)
@@ -146,6 +154,7 @@ class WebSocketExchange:
     def _relay_refusal(self, e: httpclient.HTTPClientError) -> None:
         response = e.response
         headers = relay.strip_hop_by_hop(response.headers.get_all()) if response else []
+        headers = public_locations(self.config, self.head.headers, headers)
         body = (response.body or b"")[: protocol.INITIAL_WINDOW] if response else b""
         reason = response.reason if response else ""
         self.tunnel.send(protocol.ResponseHead(self.id, e.code, reason or "", headers).encode())
@@ -209,8 +218,8 @@ class WebSocketExchange:
             return
         self.cancelled = True
         log.debug("stream=%d websocket cancelled: %s", self.id, why)
-        if self.conn is not None:
-            self.conn.close()
+        if self.conn is not None:  # the caller is gone with the tunnel or its stream
+            self.conn.close(protocol.GOING_AWAY, protocol.close_reason(why))
         self._wake()
 
     def _wake(self) -> None:

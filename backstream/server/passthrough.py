@@ -20,7 +20,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from tornado import iostream
+from tornado import httputil, iostream
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from .. import errors, heap, protocol, relay, websocket_writer
@@ -42,6 +42,8 @@ class PassthroughHandler(WebSocketHandler):
     pump: asyncio.Task[None] | None = None
     #: The close code and reason this side sent (one at most), Tornado's 1009 included.
     sent_close: Sequence[tuple[int | None, str | None]] = ()
+    #: The caller's close frame arrived (else, if it closed first, its connection dropped).
+    peer_closed: Sequence[bool] = ()
 
     def initialize(
         self,
@@ -128,6 +130,7 @@ class PassthroughHandler(WebSocketHandler):
             body.extend(chunks)
         stream.close()
         self.set_status(head.status, head.reason or None)
+        self._headers = httputil.HTTPHeaders()  # the app's headers, not beside Tornado's defaults
         for name, value in head.headers:
             if name.lower() != "content-length":
                 self.add_header(name, value)
@@ -161,6 +164,7 @@ class PassthroughHandler(WebSocketHandler):
             self.tunnel_name,
         )
         self.sent_close = websocket_writer.record_sent_close(self.ws_connection)
+        self.peer_closed = websocket_writer.record_peer_close(self.ws_connection)
         self._linger_after_too_big(self.ws_connection)
         self.pump = asyncio.ensure_future(self._pump_from_app(stream))
 
@@ -241,10 +245,14 @@ class PassthroughHandler(WebSocketHandler):
         stream = self.stream
         if stream is None or stream.closed:
             return
-        # The close this side started (1009 and its reason included), else the caller's.
-        code, reason = self.sent_close[0] if self.sent_close else (None, None)
-        if not self.sent_close:
+        # The close this side started (1009 and its reason included), else the caller's
+        # (no code stays no code), else its connection dropped: 1006 cannot be sent.
+        if self.sent_close:
+            code, reason = self.sent_close[0]
+        elif self.peer_closed:
             code, reason = self.close_code, self.close_reason
+        else:
+            code, reason = protocol.GOING_AWAY, "the caller's connection dropped"
         payload = protocol.close_payload(code, reason)
         stream.tunnel.send(protocol.Data(stream.id, payload, end_stream=True).encode())
         stream.fail(errors.Cancelled("public websocket closed"))  # wakes the pump

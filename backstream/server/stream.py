@@ -69,8 +69,8 @@ class ServerStream:
         #: The request has a body whose end the client has not been sent yet.
         self.body_open = False
         self.websocket = False
-        #: The local app's close code and reason, once its WebSocket closed.
-        self.close_info: tuple[int, str] = (1000, "")
+        #: The local app's close code and reason once its WebSocket closed (None: no code).
+        self.close_info: tuple[int | None, str | None] = (None, None)
         self._ended = False
         self._error: errors.StreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
