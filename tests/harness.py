@@ -613,6 +613,27 @@ def request(
     return Response(resp.status, resp.reason, resp.getheaders(), data, time.monotonic() - t0)
 
 
+def websocket_upgrade(path: str, host: str = "x") -> bytes:
+    """A raw RFC 6455 opening handshake for ``path`` (a fixed key: no test checks it)."""
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+
+def open_raw_websocket(sock: socket.socket, path: str) -> None:
+    """Upgrade ``sock`` to a WebSocket for ``path``, reading the head byte by byte (so no
+    frame after it is consumed); fails unless it is a 101."""
+    sock.sendall(websocket_upgrade(path))
+    head = b""
+    while b"\r\n\r\n" not in head:
+        byte = sock.recv(1)
+        assert byte, f"closed during the upgrade: {head!r}"
+        head += byte
+    assert head.startswith(b"HTTP/1.1 101"), head
+
+
 def raw_request(target: Target, data: bytes, timeout: float | None = None) -> bytes:
     """Write ``data`` to a fresh TCP connection, then read until EOF (or timeout)."""
     host, port = _hostport(target)

@@ -25,6 +25,7 @@ from harness import (
     parse_raw_response,
     request,
     wait_until,
+    websocket_upgrade,
 )
 from hostile_peer import HostileClient, HostileServer, WsConnection, request_frame
 
@@ -653,11 +654,7 @@ def test_upgrade_refusal_whose_body_never_ends_is_bounded(procs: ProcessPool) ->
     mark = srv.mark()
     hostile = connect_hostile(srv)
     result: dict[str, bytes] = {}
-    upgrade = (
-        b"GET /ws HTTP/1.1\r\nHost: public.example\r\nUpgrade: websocket\r\n"
-        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        b"Sec-WebSocket-Version: 13\r\n\r\n"
-    )
+    upgrade = websocket_upgrade("/ws", host="public.example")
     # The answer leaves a keep-alive connection open: read what came within 8 s.
     caller = threading.Thread(
         target=lambda: result.update(raw=raw_exchange(srv.port, upgrade, timeout=8.0)),

@@ -16,7 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from harness import TIMEOUTS, ProcessPool, request, wait_until
+from harness import TIMEOUTS, ProcessPool, request, wait_until, websocket_upgrade
 from prometheus_client.parser import text_string_to_metric_families
 from test_e2e_metrics import metrics_port
 
@@ -47,11 +47,7 @@ def _interrupted(port: int, seed: int) -> str:
             sock.sendall(b"GET /slow?delay=0.5 HTTP/1.1\r\nHost: x\r\n\r\n")
             time.sleep(rng.random() * 0.05)
         elif kind == "websocket":
-            sock.sendall(
-                b"GET /ws/echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                b"Sec-WebSocket-Version: 13\r\n\r\n"
-            )
+            sock.sendall(websocket_upgrade("/ws/echo"))
             if rng.random() < 0.5:
                 sock.recv(1)  # the 101 came: drop it open
         else:

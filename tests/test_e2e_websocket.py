@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from harness import TIMEOUTS, LocalApp, ProcessPool, Server
+from harness import TIMEOUTS, LocalApp, ProcessPool, Server, open_raw_websocket
 from tornado import httpclient
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
@@ -129,15 +129,7 @@ def test_a_dropped_connection_reaches_the_other_end_as_going_away(procs: Process
 
     assert asyncio.run(app_drops()) == (1001, "the local app's connection dropped")
     with socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUTS.request) as sock:
-        sock.sendall(
-            b"GET /ws/echo?drop=caller HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            b"Sec-WebSocket-Version: 13\r\n\r\n"
-        )
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += sock.recv(1)
-        assert head.startswith(b"HTTP/1.1 101"), head
+        open_raw_websocket(sock, "/ws/echo?drop=caller")
     # closed without a close frame
     app.wait_for(
         r'ws-closed "/ws/echo\?drop=caller" code=1001 reason="the caller\'s connection dropped"',

@@ -15,7 +15,15 @@ from typing import Any
 
 import pytest
 from conftest import Tunnel
-from harness import TIMEOUTS, LocalApp, ProcessPool, pattern_chunks, pattern_sha256, request
+from harness import (
+    TIMEOUTS,
+    LocalApp,
+    ProcessPool,
+    open_raw_websocket,
+    pattern_chunks,
+    pattern_sha256,
+    request,
+)
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
@@ -213,15 +221,7 @@ def test_plain_http_answers_while_a_big_message_crosses(procs: ProcessPool) -> N
     size = 48 * MiB
     with socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUTS.request) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        sock.sendall(
-            b"GET /ws/echo?crossing=1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            b"Sec-WebSocket-Version: 13\r\n\r\n"
-        )
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += sock.recv(1)
-        assert head.startswith(b"HTTP/1.1 101"), head
+        open_raw_websocket(sock, "/ws/echo?crossing=1")
         assert _read_frame(sock)[0] == 0x81  # the greeting: one text frame
         # One binary frame, masked with a zero key (so the payload goes as it is).
         sock.sendall(b"\x82\xff" + size.to_bytes(8, "big") + b"\0\0\0\0")
