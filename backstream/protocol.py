@@ -407,7 +407,8 @@ def parse_close(payload: bytes) -> tuple[int | None, str | None]:
     (code,) = _U16.unpack_from(payload)
     if not sendable_close_code(code):
         return None, None
-    return code, payload[_U16.size :].decode("utf-8", "replace")
+    # cut again: a replaced invalid byte grows to three, and Tornado refuses a long reason
+    return code, close_reason(payload[_U16.size :].decode("utf-8", "replace"))
 
 
 #: One encoder for every head (``json.dumps`` with options builds a new one per call).

@@ -186,11 +186,15 @@ async def answer_and_close(
     Closing a socket with unread bytes sends a reset, which can destroy the
     answer before the caller read it; so the write side is shut first and the
     rest is drained, bounded in bytes (``limit``) and ``seconds`` (a "lingering close").
+    The write counts against ``seconds`` too: a caller that never reads must not hold
+    the socket, which Tornado no longer counts as a connection.
     """
+    deadline = asyncio.get_running_loop().time() + seconds
     try:
-        await stream.write(answer)
+        await gen.with_timeout(
+            deadline, stream.write(answer), quiet_exceptions=iostream.StreamClosedError
+        )
         stream.socket.shutdown(socket.SHUT_WR)
-        deadline = asyncio.get_running_loop().time() + seconds
         drained = 0
         while drained < limit:
             chunk = await gen.with_timeout(
