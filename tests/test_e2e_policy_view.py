@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 import pytest
-from harness import REPO, ProcessPool, Server, request, wait_until
+from harness import REPO, ProcessPool, Response, Server, request, wait_until
 from local_app import set_cookie_secret
 
 from backstream import redact
@@ -78,6 +78,18 @@ def test_deny_list_on_the_normalized_path_catches_every_spelling(
     assert app.hits() == 0
 
 
+def _via_forwarding(
+    procs: ProcessPool, policies: list[str], trust: str | None, forwarded_for: str
+) -> Response:
+    """A GET with ``X-Forwarded-For`` through a server with ``policies`` (and
+    ``--trust-forwarded trust``)."""
+    app = procs.local_app()
+    args = policies + ([] if trust is None else ["--trust-forwarded", trust])
+    srv = procs.server(*args)
+    procs.client(srv, app)
+    return request(srv, "GET", "/anything", [("X-Forwarded-For", forwarded_for)])
+
+
 @pytest.mark.parametrize(
     "trust, forwarded_for, status",
     [
@@ -91,13 +103,7 @@ def test_deny_list_on_the_normalized_path_catches_every_spelling(
 def test_allow_list_behind_a_trusted_proxy(
     procs: ProcessPool, tmp_path: Path, trust: str | None, forwarded_for: str, status: int
 ) -> None:
-    app = procs.local_app()
-    args = ["-p", policy_dir(tmp_path, ONE_CALLER)]
-    if trust is not None:
-        args += ["--trust-forwarded", trust]
-    srv = procs.server(*args)
-    procs.client(srv, app)
-    r = request(srv, "GET", "/anything", [("X-Forwarded-For", forwarded_for)])
+    r = _via_forwarding(procs, ["-p", policy_dir(tmp_path, ONE_CALLER)], trust, forwarded_for)
     assert r.status == status, (r.status, r.body)
 
 
@@ -152,13 +158,8 @@ def test_shipped_ip_allowlist_behind_a_trusted_proxy(
     procs: ProcessPool, tmp_path: Path, trust: str | None, forwarded_for: str, status: int
 ) -> None:
     """policies/ip-allowlist (embedded engine) with the --trust-forwarded it documents."""
-    app = procs.local_app()
-    args = ["-p", policy_dir(tmp_path), "-p", str(REPO / "policies" / "ip-allowlist")]
-    if trust is not None:
-        args += ["--trust-forwarded", trust]
-    srv = procs.server(*args)
-    procs.client(srv, app)
-    r = request(srv, "GET", "/anything", [("X-Forwarded-For", forwarded_for)])
+    policies = ["-p", policy_dir(tmp_path), "-p", str(REPO / "policies" / "ip-allowlist")]
+    r = _via_forwarding(procs, policies, trust, forwarded_for)
     assert r.status == status, (r.status, r.body)
 
 
